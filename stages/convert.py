@@ -1,0 +1,189 @@
+"""Convert: turn fetched weights into a standard Hugging Face model directory of safetensors shards.
+
+    python -m stages.convert FETCHED_DIR OUT_DIR
+
+Reads a GGUF file (dequantized by transformers), a Hugging Face directory with safetensors or sharded
+pytorch_model-*.bin, or a Meta-style consolidated.*.pth with params.json and tokenizer.model. Writes
+config, tokenizer and chat template, and the weights in `convert.dtype` as shards of at most
+`convert.max_shard_size`; with `convert.write_pth` also one torch state dict, `model.pth`.
+Safetensors and .bin checkpoints are streamed tensor by tensor; a GGUF file is dequantized whole.
+"""
+
+import json
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaConfig, PretrainedConfig
+
+from tuneline.artifacts import TensorWriter, atomic_dir, parse_size
+from tuneline.errors import TunelineError, exit_on_error
+from tuneline.modeling import DTYPES
+from tuneline.params import ConvertParams, load_section
+
+PTH_FILE = "model.pth"
+# Meta checkpoint names -> Hugging Face Llama names; {i} is the layer index.
+META_TO_HF = {
+    "tok_embeddings.weight": "model.embed_tokens.weight",
+    "norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+    "layers.{i}.attention.wq.weight": "model.layers.{i}.self_attn.q_proj.weight",
+    "layers.{i}.attention.wk.weight": "model.layers.{i}.self_attn.k_proj.weight",
+    "layers.{i}.attention.wv.weight": "model.layers.{i}.self_attn.v_proj.weight",
+    "layers.{i}.attention.wo.weight": "model.layers.{i}.self_attn.o_proj.weight",
+    "layers.{i}.feed_forward.w1.weight": "model.layers.{i}.mlp.gate_proj.weight",
+    "layers.{i}.feed_forward.w2.weight": "model.layers.{i}.mlp.down_proj.weight",
+    "layers.{i}.feed_forward.w3.weight": "model.layers.{i}.mlp.up_proj.weight",
+    "layers.{i}.attention_norm.weight": "model.layers.{i}.input_layernorm.weight",
+    "layers.{i}.ffn_norm.weight": "model.layers.{i}.post_attention_layernorm.weight",
+}
+# Model-parallel Meta shards split these along dim 1 (all other matrices along dim 0; norms are copies).
+META_CONCAT_DIM1 = ("tok_embeddings", "attention.wo", "feed_forward.w2")
+
+
+def convert(*, src_dir: Path, out_dir: Path, dtype: str, max_shard_size: int, write_pth: bool) -> str:
+    """Convert the checkpoint in `src_dir` into a Hugging Face directory at `out_dir`; return its format."""
+    gguf_files = sorted(src_dir.glob("*.gguf"))
+    meta_shards = sorted(src_dir.glob("consolidated.*.pth"))
+    if gguf_files:
+        config, tokenizer, tensors = read_gguf(gguf_files[0])
+        source_format = "gguf"
+    elif (src_dir / "config.json").exists():
+        config, tokenizer, tensors = read_hf_dir(src_dir)
+        source_format = "huggingface"
+    elif meta_shards:
+        config, tokenizer, tensors = read_meta(src_dir, meta_shards)
+        source_format = "meta"
+    else:
+        found = ", ".join(sorted(path.name for path in src_dir.iterdir())) or "nothing"
+        raise TunelineError(
+            f"convert: {src_dir} holds no *.gguf, Hugging Face checkpoint (config.json) or "
+            f"consolidated.*.pth; found: {found}"
+        )
+    config.dtype = dtype
+    config.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    state_dict_for_pth = {}
+    with TensorWriter(out_dir, max_shard_size) as writer:
+        for name, tensor in tensors:
+            if name == "lm_head.weight" and config.tie_word_embeddings:
+                continue  # tied to the embeddings; safetensors stores each tensor once
+            tensor = tensor.to(DTYPES[dtype])
+            writer.save_tensor(name, tensor)
+            if write_pth:
+                state_dict_for_pth[name] = tensor
+    if write_pth:
+        torch.save(state_dict_for_pth, out_dir / PTH_FILE)
+    return source_format
+
+
+def read_gguf(path: Path) -> tuple[PretrainedConfig, object, Iterator[tuple[str, torch.Tensor]]]:
+    """Dequantize a GGUF file through transformers, which refuses to save such a model directly."""
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    except (ValueError, OSError, KeyError) as error:
+        raise TunelineError(f"convert: {path} could not be read as GGUF: {error}") from None
+    # save_pretrained refuses a GGUF-loaded model; its weights are plain tensors once dequantized, so
+    # the config is saved without the GGUF quantization entry and the tensors are written by us.
+    config = model.config
+    del config.quantization_config
+    return config, tokenizer, iter(model.state_dict().items())
+
+
+def read_hf_dir(src_dir: Path) -> tuple[PretrainedConfig, object, Iterator[tuple[str, torch.Tensor]]]:
+    config = AutoConfig.from_pretrained(src_dir)
+    tokenizer = AutoTokenizer.from_pretrained(src_dir)
+    shards = sorted(src_dir.glob("*.safetensors")) or sorted(src_dir.glob("pytorch_model*.bin"))
+    if not shards:
+        raise TunelineError(f"convert: {src_dir} has config.json but no *.safetensors or pytorch_model*.bin")
+    return config, tokenizer, iter_shards(shards)
+
+
+def iter_shards(shards: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield tensors one at a time, holding at most one tensor (safetensors) or one mmapped shard (.bin)."""
+    for shard in shards:
+        if shard.suffix == ".safetensors":
+            with safe_open(shard, framework="pt") as file:
+                for name in file.keys():
+                    yield name, file.get_tensor(name)
+        else:
+            state_dict = torch.load(shard, map_location="cpu", mmap=True, weights_only=True)
+            yield from state_dict.items()
+            del state_dict
+
+
+def read_meta(src_dir: Path, shards: list[Path]) -> tuple[PretrainedConfig, object, Iterator]:
+    """Read a Meta-style checkpoint: params.json, tokenizer.model and consolidated.NN.pth shards."""
+    from transformers import LlamaTokenizer
+
+    for required in ("params.json", "tokenizer.model"):
+        if not (src_dir / required).exists():
+            raise TunelineError(f"convert: {src_dir / required} is missing; a Meta checkpoint needs it")
+    params = json.loads((src_dir / "params.json").read_text())
+    parts = [torch.load(shard, map_location="cpu", mmap=True, weights_only=True) for shard in shards]
+    state = {name: merge_meta_parts(name, [part[name] for part in parts]) for name in parts[0]}
+    n_heads = params["n_heads"]
+    n_kv_heads = params.get("n_kv_heads") or n_heads
+    config = LlamaConfig(
+        vocab_size=state["tok_embeddings.weight"].shape[0],
+        hidden_size=params["dim"],
+        intermediate_size=state["layers.0.feed_forward.w1.weight"].shape[0],
+        num_hidden_layers=params["n_layers"],
+        num_attention_heads=n_heads,
+        num_key_value_heads=n_kv_heads,
+        rms_norm_eps=params.get("norm_eps", 1e-5),
+        rope_theta=params.get("rope_theta", 10000.0),
+        tie_word_embeddings=False,
+    )
+    tokenizer = LlamaTokenizer(vocab_file=str(src_dir / "tokenizer.model"))
+    return config, tokenizer, iter_meta_tensors(state, n_heads, n_kv_heads)
+
+
+def merge_meta_parts(name: str, parts: list[torch.Tensor]) -> torch.Tensor:
+    if len(parts) == 1 or parts[0].dim() == 1:
+        return parts[0]
+    return torch.cat(parts, dim=1 if any(key in name for key in META_CONCAT_DIM1) else 0)
+
+
+def iter_meta_tensors(state: dict, n_heads: int, n_kv_heads: int) -> Iterator[tuple[str, torch.Tensor]]:
+    for meta_name, tensor in state.items():
+        if "rope.freqs" in meta_name:
+            continue  # recomputed by the model
+        pattern, layer = meta_name, None
+        if meta_name.startswith("layers."):
+            layer = meta_name.split(".")[1]
+            pattern = meta_name.replace(f"layers.{layer}.", "layers.{i}.", 1)
+        hf_name = META_TO_HF[pattern].format(i=layer)
+        if pattern.endswith("wq.weight"):
+            tensor = permute_rotary(tensor, n_heads)
+        elif pattern.endswith("wk.weight"):
+            tensor = permute_rotary(tensor, n_kv_heads)
+        yield hf_name, tensor
+
+
+def permute_rotary(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Meta interleaves each head's rotary pairs; Hugging Face Llama expects them split into halves."""
+    rows, cols = weight.shape
+    return weight.view(n_heads, rows // n_heads // 2, 2, cols).transpose(1, 2).reshape(rows, cols)
+
+
+@exit_on_error
+def main() -> None:
+    if len(sys.argv) != 3:
+        sys.exit("usage: python -m stages.convert FETCHED_DIR OUT_DIR")
+    params: ConvertParams = load_section("convert")
+    src_dir, out_dir = Path(sys.argv[1]), Path(sys.argv[2])
+    max_shard_size = parse_size(params.max_shard_size, "convert.max_shard_size")
+    with atomic_dir(out_dir) as tmp:
+        source_format = convert(
+            src_dir=src_dir, out_dir=tmp, dtype=params.dtype, max_shard_size=max_shard_size,
+            write_pth=params.write_pth,
+        )
+    print(f"converted {source_format} checkpoint {src_dir} -> {out_dir} ({params.dtype})")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""tuneline: reproducible, cached, auditable QLoRA fine-tuning as a DVC pipeline."""

