@@ -122,7 +122,7 @@ def train(*, base_dir: Path, train_rows: list[dict], params: TrainParams, adapte
         use_rslora=params.use_rslora,
         task_type="CAUSAL_LM",
     )
-    scratch_dir = Path(tempfile.mkdtemp(prefix="trainer-scratch-", dir=adapter_dir.parent))
+    scratch_dir = Path(tempfile.mkdtemp(prefix=f"{adapter_dir.name}.tmp-trainer-", dir=adapter_dir.parent))
     trainer = SFTTrainer(
         model=model,
         args=training_config(params, scratch_dir),

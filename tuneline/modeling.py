@@ -6,8 +6,6 @@ therefore saves its `QuantSpec` beside the adapter and merge and evaluate load t
 """
 
 import json
-import logging
-import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -19,10 +17,6 @@ from tuneline.errors import TunelineError
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 QUANT_SPEC_FILE = "tuneline_quantization.json"
-
-# bitsandbytes looks for optional CPU kernels on the hub at import; without network that is only noise.
-logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
-warnings.filterwarnings("ignore", message=".*kernels.*")
 
 
 def device() -> torch.device:
@@ -87,13 +81,18 @@ def split_prompt_completion(tokenizer: PreTrainedTokenizerBase, messages: list[d
     """Render a conversation with the model's chat template as (prompt, completion) text.
 
     The prompt ends with the template's assistant header; the completion is the last assistant answer
-    with the template's end-of-turn, so that training, scoring and generation see identical text.
+    closed by the end-of-turn token, so that training, scoring and generation see identical text. What
+    the template writes after that token (a newline between turns) is dropped: generation stops at the
+    token, and TRL would otherwise append a second end-of-turn to a completion not ending with it.
     """
     full = tokenizer.apply_chat_template(messages, tokenize=False)
     prompt = tokenizer.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True)
     if not full.startswith(prompt):
         raise TunelineError("the chat template renders the answer differently from the prompt; use another template")
-    return prompt, full[len(prompt) :]
+    completion = full[len(prompt) :]
+    if tokenizer.eos_token and completion.rstrip().endswith(tokenizer.eos_token):
+        completion = completion.rstrip()
+    return prompt, completion
 
 
 def encode_pair(tokenizer: PreTrainedTokenizerBase, prompt: str, completion: str) -> tuple[list[int], int]:
