@@ -138,7 +138,12 @@ def read_meta(src_dir: Path, shards: list[Path]) -> tuple[PretrainedConfig, obje
         rope_theta=params.get("rope_theta", 10000.0),
         tie_word_embeddings=False,
     )
-    tokenizer = LlamaTokenizer(vocab_file=str(src_dir / "tokenizer.model"))
+    try:
+        # from_pretrained reads tokenizer.model through sentencepiece + protobuf; in transformers 5 the
+        # vocab_file= constructor ignores the file and builds an empty tokenizer without a word.
+        tokenizer = LlamaTokenizer.from_pretrained(src_dir)
+    except (ValueError, OSError) as error:
+        raise TunelineError(f"convert: {src_dir / 'tokenizer.model'} is not a readable SentencePiece model: {error}") from None
     return config, tokenizer, iter_meta_tensors(state, n_heads, n_kv_heads)
 
 

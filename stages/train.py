@@ -9,6 +9,7 @@ quantization spec that merge must rebuild), train metrics, and the loss curve th
 Runs on the CPU through bitsandbytes' CPU backend and on CUDA unchanged.
 """
 
+import json
 import shutil
 import sys
 import tempfile
@@ -19,7 +20,8 @@ import torch
 from datasets import Dataset
 from dvclive import Live
 from peft import LoraConfig
-from transformers import TrainerCallback, set_seed
+from transformers import SchedulerType, TrainerCallback, set_seed
+from transformers.training_args import OptimizerNames
 from trl import SFTConfig, SFTTrainer
 
 from tuneline.artifacts import atomic_dir, read_jsonl, write_json
@@ -68,6 +70,24 @@ def to_prompt_completion(rows: list[dict], tokenizer) -> Dataset:
     return Dataset.from_dict({"prompt": [p for p, _ in pairs], "completion": [c for _, c in pairs]})
 
 
+def check_trainer_choices(params: TrainParams) -> None:
+    """Name the key when the optimizer or scheduler is not one transformers knows."""
+    choices = {"optim": (params.optim, OptimizerNames), "lr_scheduler": (params.lr_scheduler, SchedulerType)}
+    for key, (value, names) in choices.items():
+        known = [name.value for name in names]
+        if value not in known:
+            raise TunelineError(f"params.yaml: train.{key}: unknown '{value}'; choose one of: {', '.join(known)}")
+
+
+def sort_target_modules(adapter_config: Path) -> None:
+    """peft writes the resolved target modules in set order, which changes from process to process; sort
+    them so that identical training gives a byte-identical adapter and DVC skips the stages after it."""
+    config = json.loads(adapter_config.read_text())
+    if isinstance(config.get("target_modules"), list):
+        config["target_modules"] = sorted(config["target_modules"])
+    adapter_config.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
 def keep_adapters_in_compute_dtype(model: torch.nn.Module, compute_dtype: str) -> None:
     """Undo TRL's cast of QLoRA adapters to bf16 when computing in another dtype.
 
@@ -109,6 +129,7 @@ def training_config(params: TrainParams, checkpoint_dir: Path) -> SFTConfig:
 
 def train(*, base_dir: Path, train_rows: list[dict], params: TrainParams, adapter_dir: Path, live: Live) -> dict:
     """Train LoRA adapters on the 4-bit base; save them to `adapter_dir` and return the train metrics."""
+    check_trainer_choices(params)
     set_seed(params.seed)
     tokenizer = load_tokenizer(base_dir)
     spec = QuantSpec(params.quant_type, params.double_quant, params.compute_dtype)
@@ -133,10 +154,13 @@ def train(*, base_dir: Path, train_rows: list[dict], params: TrainParams, adapte
     )
     keep_adapters_in_compute_dtype(trainer.model, params.compute_dtype)
     started = time.perf_counter()
-    result = trainer.train()
+    try:
+        result = trainer.train()
+    finally:
+        shutil.rmtree(scratch_dir)  # checkpoints are off; this only holds the trainer's bookkeeping
     seconds = time.perf_counter() - started
-    shutil.rmtree(scratch_dir)  # checkpoints are off; this only holds the trainer's bookkeeping
     trainer.model.save_pretrained(adapter_dir)
+    sort_target_modules(adapter_dir / "adapter_config.json")
     spec.save(adapter_dir)
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     return {

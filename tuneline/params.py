@@ -121,7 +121,8 @@ def load_section(name: str, path: Path = PARAMS_FILE) -> Section:
 
 def describe_validation_error(section: str, error: ValidationError) -> str:
     first = error.errors()[0]
-    key = ".".join([section, *(str(part) for part in first["loc"])])
+    # Only the top-level key: deeper parts of pydantic's loc can be type tags (a union's "list[str]").
+    key = f"{section}.{first['loc'][0]}"
     if first["type"] == "extra_forbidden":
         known = ", ".join(SECTIONS[section].model_fields)
         return f"{key}: unknown key; the keys of '{section}' are: {known}"
