@@ -10,7 +10,6 @@ Runs on the CPU through bitsandbytes' CPU backend and on CUDA unchanged.
 """
 
 import json
-import shutil
 import sys
 import tempfile
 import time
@@ -143,21 +142,20 @@ def train(*, base_dir: Path, train_rows: list[dict], params: TrainParams, adapte
         use_rslora=params.use_rslora,
         task_type="CAUSAL_LM",
     )
-    scratch_dir = Path(tempfile.mkdtemp(prefix=f"{adapter_dir.name}.tmp-trainer-", dir=adapter_dir.parent))
-    trainer = SFTTrainer(
-        model=model,
-        args=training_config(params, scratch_dir),
-        train_dataset=to_prompt_completion(train_rows, tokenizer),
-        processing_class=tokenizer,
-        peft_config=lora_config,
-        callbacks=[LiveLossCurve(live)],
-    )
-    keep_adapters_in_compute_dtype(trainer.model, params.compute_dtype)
-    started = time.perf_counter()
-    try:
+    # Checkpoints are off; the trainer's scratch directory only holds its bookkeeping, and goes away
+    # however training ends.
+    with tempfile.TemporaryDirectory(prefix=f"{adapter_dir.name}.tmp-trainer-", dir=adapter_dir.parent) as scratch:
+        trainer = SFTTrainer(
+            model=model,
+            args=training_config(params, Path(scratch)),
+            train_dataset=to_prompt_completion(train_rows, tokenizer),
+            processing_class=tokenizer,
+            peft_config=lora_config,
+            callbacks=[LiveLossCurve(live)],
+        )
+        keep_adapters_in_compute_dtype(trainer.model, params.compute_dtype)
+        started = time.perf_counter()
         result = trainer.train()
-    finally:
-        shutil.rmtree(scratch_dir)  # checkpoints are off; this only holds the trainer's bookkeeping
     seconds = time.perf_counter() - started
     trainer.model.save_pretrained(adapter_dir)
     sort_target_modules(adapter_dir / "adapter_config.json")

@@ -1,0 +1,265 @@
+"""Shared fixtures: a tiny random Llama with a ChatML BPE tokenizer, tiny params, and DVC pipeline repos.
+
+Everything here is built locally (no network, no real model). A full `dvc repro` of the tiny pipeline costs
+about a minute on two cores (every stage is a fresh Python that imports torch), so the pipeline tests share
+ONE reproduced repo per session: `clean_pipeline_repo` hands it over clean and, after the test, restores
+the committed, fully reproduced state (git restores code, params and the uncached metrics; `dvc checkout`
+restores the cached outs), then checks with `dvc repro` that nothing is left to run.
+"""
+
+import copy
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+PROJECT = Path(__file__).resolve().parent.parent
+VENV_BIN = Path(sys.executable).parent
+STAGES = ("fetch", "convert", "dataset", "train", "merge", "evaluate")
+
+CHATML_TEMPLATE = (
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+CORPUS = [
+    "You classify breast tumours from cell-nucleus measurements. Answer with one word: malignant or benign.",
+    "Measurements: worst radius 17.33, worst concave points 0.19, worst texture 25.41, mean concavity 0.30. "
+    "Is the tumour malignant or benign?",
+    "Measurements: worst radius 12.04, worst concave points 0.07, worst texture 19.58, mean concavity 0.02.",
+    "malignant benign malignant benign benign malignant",
+    "system user assistant measurements radius texture concave points concavity perimeter area smoothness",
+    "0 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20 25 30 0.01 0.05 0.10 0.25 0.50 1.00 99.99",
+    "The quick brown fox jumps over the lazy dog. Hello world, this is a tiny test corpus.",
+]
+
+_RAN_STAGE = re.compile(r"Running stage '([^']+)'")
+
+
+# --------------------------------------------------------------------------------------------------- env
+
+
+def subprocess_env(prefect_home: Path | None = None) -> dict[str, str]:
+    """The environment for stage subprocesses: the venv's python first on PATH, offline, no analytics."""
+    env = dict(os.environ)
+    env["PATH"] = f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}"
+    env["DVC_NO_ANALYTICS"] = "1"
+    env["HF_HUB_OFFLINE"] = "1"
+    env["TOKENIZERS_PARALLELISM"] = "false"
+    env.pop("PREFECT_API_URL", None)
+    # Like a user's shell: hash randomization on (tests must not hide order-dependent outputs).
+    env.pop("PYTHONHASHSEED", None)
+    env.pop("PYTHONPATH", None)
+    if prefect_home is not None:
+        env["PREFECT_HOME"] = str(prefect_home)
+        env["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"] = "120"
+    return env
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _session_env(tmp_path_factory):
+    """In-process env: offline hub, no analytics, a private PREFECT_HOME, no Prefect server URL."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("HF_HUB_OFFLINE", "1")
+        patch.setenv("TOKENIZERS_PARALLELISM", "false")
+        patch.setenv("DVC_NO_ANALYTICS", "1")
+        patch.setenv("PREFECT_HOME", str(tmp_path_factory.mktemp("prefect-home")))
+        patch.delenv("PREFECT_API_URL", raising=False)
+        yield
+
+
+# ------------------------------------------------------------------------------------------- tiny model
+
+
+def build_tiny_tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400, special_tokens=SPECIAL_TOKENS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    backend.train_from_iterator(CORPUS * 4, trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        pad_token="<|endoftext|>",
+        eos_token="<|im_end|>",
+        additional_special_tokens=["<|im_start|>"],
+        chat_template=CHATML_TEMPLATE,
+    )
+
+
+def tiny_llama_config(tokenizer, **overrides):
+    from transformers import LlamaConfig
+
+    kwargs = dict(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=False,
+        initializer_range=0.1,  # peakier than the default 0.02, so top-1 comparisons are not near ties
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=None,
+    )
+    kwargs.update(overrides)
+    return LlamaConfig(**kwargs)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A tiny random Llama (2 layers, hidden 64, GQA 4/2 heads) and a ChatML byte-level BPE tokenizer."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    out = tmp_path_factory.mktemp("tiny-model")
+    tokenizer = build_tiny_tokenizer()
+    tokenizer.save_pretrained(out)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(tiny_llama_config(tokenizer)).eval()
+    model.save_pretrained(out, safe_serialization=True)
+    assert (out / "model.safetensors").exists()
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_params(tiny_model_dir) -> dict:
+    """The repo's params.yaml, shrunk for speed; every key not named here is kept as in the real file."""
+    params = yaml.safe_load((PROJECT / "params.yaml").read_text())
+    params["fetch"]["source"] = f"file://{tiny_model_dir}"
+    params["fetch"]["sha256"] = {}
+    params["convert"]["dtype"] = "float32"
+    params["dataset"]["eval_fraction"] = 0.1
+    params["train"].update(max_steps=4, batch_size=4, logging_steps=1)
+    params["merge"]["num_prompts"] = 4
+    params["evaluate"]["max_examples"] = 8
+    return params
+
+
+@pytest.fixture
+def params(tiny_params) -> dict:
+    """A private deep copy of tiny_params that a test may change."""
+    return copy.deepcopy(tiny_params)
+
+
+# ---------------------------------------------------------------------------------------- pipeline repos
+
+
+def run(cmd: list[str], cwd: Path, env: dict | None = None, check: bool = True) -> subprocess.CompletedProcess:
+    result = subprocess.run(cmd, cwd=cwd, env=env or subprocess_env(), capture_output=True, text=True)
+    if check:
+        assert result.returncode == 0, describe(result)
+    return result
+
+
+def describe(result: subprocess.CompletedProcess, limit: int = 8000) -> str:
+    return (
+        f"{' '.join(map(str, result.args))} exited with {result.returncode}\n"
+        f"--- stdout (tail) ---\n{result.stdout[-limit:]}\n--- stderr (tail) ---\n{result.stderr[-limit:]}"
+    )
+
+
+def dvc(repo: Path, *args: str, check: bool = False) -> subprocess.CompletedProcess:
+    return run([str(VENV_BIN / "dvc"), *args], cwd=repo, check=check)
+
+
+class Ran(set):
+    """The names of the stages that ran; `.log` is DVC's output, for assertion messages."""
+
+    log: str = ""
+
+
+def repro(repo: Path, *args: str) -> Ran:
+    """`dvc repro ARGS` in `repo`; it must succeed. Returns the set of the stages that actually ran."""
+    result = dvc(repo, "repro", *args)
+    assert result.returncode == 0, describe(result)
+    ran = Ran(_RAN_STAGE.findall(result.stdout + result.stderr))
+    ran.log = describe(result)
+    return ran
+
+
+def ran_stages(result: subprocess.CompletedProcess) -> set[str]:
+    return set(_RAN_STAGE.findall(result.stdout + result.stderr))
+
+
+def dvc_status(repo: Path) -> dict:
+    result = dvc(repo, "status", "--json")
+    assert result.returncode == 0, describe(result)
+    return json.loads(result.stdout or "{}")
+
+
+def git(repo: Path, *args: str) -> subprocess.CompletedProcess:
+    return run(["git", *args], cwd=repo)
+
+
+def commit_all(repo: Path, message: str) -> None:
+    git(repo, "add", "-A")
+    if git(repo, "status", "--porcelain").stdout.strip():
+        git(repo, "commit", "-q", "-m", message)
+
+
+def write_params(repo: Path, params: dict) -> None:
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def make_pipeline_repo(dest: Path, params: dict) -> Path:
+    """A git + DVC repo holding the project's pipeline (dvc.yaml, stages, tuneline, flows) and `params`."""
+    dest.mkdir(parents=True)
+    shutil.copy2(PROJECT / "dvc.yaml", dest / "dvc.yaml")
+    for package in ("stages", "tuneline", "flows"):
+        shutil.copytree(PROJECT / package, dest / package, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    write_params(dest, params)
+    (dest / ".gitignore").write_text("__pycache__/\n*.pyc\n")
+    git(dest, "init", "-q")
+    git(dest, "config", "user.email", "tests@tuneline.invalid")
+    git(dest, "config", "user.name", "tuneline tests")
+    git(dest, "config", "commit.gpgsign", "false")
+    dvc(dest, "init", "-q", check=True)
+    dvc(dest, "config", "core.analytics", "false", check=True)
+    dvc(dest, "config", "core.check_update", "false", check=True)
+    commit_all(dest, "tiny pipeline")
+    return dest
+
+
+def restore(repo: Path) -> None:
+    """Back to the last commit (a clean, fully reproduced state): code, params, lock, metrics and outs."""
+    git(repo, "checkout", "-q", "-f", "HEAD", "--", ".")
+    git(repo, "clean", "-fdq")
+    result = dvc(repo, "checkout", "--force")
+    assert result.returncode == 0, describe(result)
+    repro(repo)  # whatever the checkout could not bring back is rebuilt here
+    commit_all(repo, "restored")
+
+
+@pytest.fixture(scope="session")
+def pipeline_repo(tmp_path_factory, tiny_params) -> Path:
+    """The session's tiny pipeline repo: committed, not yet reproduced (see `reproduced_pipeline`)."""
+    return make_pipeline_repo(tmp_path_factory.mktemp("pipeline") / "repo", tiny_params)
+
+
+@pytest.fixture(scope="session")
+def reproduced_pipeline(pipeline_repo) -> set[str]:
+    """The first full `dvc repro` of the session repo; its result is committed. Returns the stages that ran."""
+    ran = repro(pipeline_repo)
+    commit_all(pipeline_repo, "reproduced")
+    return ran
+
+
+@pytest.fixture
+def clean_pipeline_repo(pipeline_repo, reproduced_pipeline) -> Path:
+    """The session repo, clean and fully reproduced; whatever the test changes is undone afterwards."""
+    yield pipeline_repo
+    restore(pipeline_repo)

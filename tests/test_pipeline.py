@@ -1,0 +1,139 @@
+"""End to end through the real DVC CLI on the tiny model: what runs, what is skipped, and how stages fail.
+
+All tests share the session's pipeline repo (see conftest): `reproduced_pipeline` is its first full
+`dvc repro`; `clean_pipeline_repo` hands it over fully reproduced and restores it after the test.
+"""
+
+import json
+from pathlib import Path
+
+import yaml
+
+from conftest import STAGES, describe, dvc, dvc_status, ran_stages, repro, write_params
+
+MERGE_KEYS = {"kl", "top1_agreement", "kl_merge_into_4bit", "top1_merge_into_4bit", "kl_merge_into_original",
+              "top1_merge_into_original"}
+
+
+def read_params(repo: Path) -> dict:
+    return yaml.safe_load((repo / "params.yaml").read_text())
+
+
+def append_comment(path: Path) -> None:
+    with path.open("a") as file:
+        file.write("\n# a comment added by the tests\n")
+
+
+def leftovers(repo: Path) -> list[str]:
+    """Temporary paths the stages create beside their outs; none may survive a run, failed or not."""
+    names = []
+    for folder in ("models", "data", "dvclive", "metrics", "eval"):
+        if (repo / folder).is_dir():
+            names += [str(p.relative_to(repo)) for p in (repo / folder).iterdir() if ".tmp-" in p.name
+                      or p.name.startswith("trainer-scratch-")]
+    return names
+
+
+def test_full_repro_runs_all_six_stages(pipeline_repo, reproduced_pipeline):
+    assert reproduced_pipeline == set(STAGES), reproduced_pipeline.log
+    evaluation = json.loads((pipeline_repo / "metrics/eval.json").read_text())
+    assert set(evaluation["accuracy"]) >= {"base", "qlora", "merged", "logistic_regression"}
+    assert set(evaluation["eval_loss"]) >= {"base", "merged"}
+    assert all(0.0 <= value <= 1.0 for value in evaluation["accuracy"].values())
+    assert evaluation["examples"] == 8  # evaluate.max_examples
+    merge = json.loads((pipeline_repo / "metrics/merge.json").read_text())
+    assert set(merge) >= MERGE_KEYS
+    assert merge["kl"] <= 1e-3 and merge["top1_agreement"] >= 0.999
+    assert merge["prompts"] == 4  # merge.num_prompts
+    train = json.loads((pipeline_repo / "metrics/train.json").read_text())
+    assert train["steps"] == 4  # train.max_steps
+    card = json.loads((pipeline_repo / "data/dataset/card.json").read_text())
+    assert card["rows_train"] + card["rows_eval"] == card["rows_kept"]
+    for path in ("models/fetched/tuneline_manifest.json", "models/base/config.json",
+                 "models/adapter/adapter_model.safetensors", "models/merged/config.json",
+                 "eval/predictions.jsonl", "eval/confusion.json", "dvclive/train/plots/metrics/loss.tsv"):
+        assert (pipeline_repo / path).is_file(), path
+    assert leftovers(pipeline_repo) == []
+
+
+def test_second_repro_runs_nothing(clean_pipeline_repo):
+    ran = repro(clean_pipeline_repo)
+    assert ran == set(), ran.log
+    status = dvc(clean_pipeline_repo, "status")
+    assert status.returncode == 0, describe(status)
+    assert "up to date" in status.stdout
+    assert dvc_status(clean_pipeline_repo) == {}
+
+
+def test_evaluate_param_change_reruns_only_evaluate(clean_pipeline_repo):
+    params = read_params(clean_pipeline_repo)
+    params["evaluate"]["batch_size"] = 3
+    write_params(clean_pipeline_repo, params)
+    assert set(dvc_status(clean_pipeline_repo)) == {"evaluate"}
+    ran = repro(clean_pipeline_repo)
+    assert ran == {"evaluate"}, ran.log
+    ran = repro(clean_pipeline_repo)
+    assert ran == set(), ran.log
+
+
+def test_evaluate_code_change_reruns_only_evaluate(clean_pipeline_repo):
+    append_comment(clean_pipeline_repo / "stages/evaluate.py")
+    assert set(dvc_status(clean_pipeline_repo)) == {"evaluate"}
+    ran = repro(clean_pipeline_repo)
+    assert ran == {"evaluate"}, ran.log
+
+
+def test_dataset_param_change_reruns_dataset_and_downstream(clean_pipeline_repo):
+    params = read_params(clean_pipeline_repo)
+    params["dataset"]["seed"] = params["dataset"]["seed"] + 1
+    write_params(clean_pipeline_repo, params)
+    assert set(dvc_status(clean_pipeline_repo)) == {"dataset"}
+    ran = repro(clean_pipeline_repo)
+    assert ran == {"dataset", "train", "merge", "evaluate"}, ran.log
+
+
+def test_train_code_change_reruns_train_only(clean_pipeline_repo):
+    """A comment changes train's code hash, so train reruns; training is deterministic on the CPU and the
+    adapter is written byte for byte the same, so DVC then skips merge and evaluate."""
+    repo = clean_pipeline_repo
+    before = {p.name: p.read_bytes() for p in (repo / "models/adapter").iterdir()}
+    append_comment(repo / "stages/train.py")
+    assert set(dvc_status(repo)) == {"train"}
+    ran = repro(repo)
+    after = {p.name: p.read_bytes() for p in (repo / "models/adapter").iterdir()}
+    assert set(after) == set(before)
+    for name in before:
+        assert after[name] == before[name], f"models/adapter/{name} changed on an identical retrain"
+    assert ran == {"train"}, ran.log
+
+
+def assert_one_line_stage_error(result, *needles: str) -> str:
+    output = result.stdout + result.stderr
+    assert result.returncode != 0, describe(result)
+    assert "Traceback" not in output, describe(result)
+    lines = [line for line in output.splitlines() if all(needle in line for needle in needles)]
+    assert len(lines) == 1, describe(result)
+    assert lines[0].startswith("error: params.yaml: "), lines[0]
+    return lines[0]
+
+
+def test_unknown_target_module_fails_with_one_clear_line(clean_pipeline_repo):
+    params = read_params(clean_pipeline_repo)
+    params["train"]["target_modules"] = ["no_such_module"]
+    write_params(clean_pipeline_repo, params)
+    result = dvc(clean_pipeline_repo, "repro")
+    assert_one_line_stage_error(result, "train.target_modules", "no_such_module")
+    assert ran_stages(result) == {"train"}
+    assert "failed to reproduce 'train'" in result.stdout + result.stderr
+    assert leftovers(clean_pipeline_repo) == []
+
+
+def test_wrong_type_param_fails_with_one_clear_line(clean_pipeline_repo):
+    params = read_params(clean_pipeline_repo)
+    params["train"]["lora_r"] = "sixteen"
+    write_params(clean_pipeline_repo, params)
+    result = dvc(clean_pipeline_repo, "repro")
+    line = assert_one_line_stage_error(result, "train.lora_r")
+    assert "sixteen" in line
+    assert ran_stages(result) == {"train"}
+    assert leftovers(clean_pipeline_repo) == []

