@@ -31,7 +31,8 @@ def read_sklearn_table(name: str) -> tuple[pd.DataFrame, dict[str, Path]]:
     if name not in loaders:
         raise TunelineError(f"params.yaml: dataset.source: unknown sklearn table '{name}'; known: {', '.join(loaders)}")
     bunch = loaders[name](as_frame=True)
-    return bunch.frame, {f"sklearn/datasets/data/{bunch.filename}": Path(sklearn.datasets.__file__).parent / "data" / bunch.filename}
+    csv_path = Path(sklearn.datasets.__file__).parent / "data" / bunch.filename
+    return bunch.frame, {f"sklearn/datasets/data/{bunch.filename}": csv_path}
 
 
 def read_csv_table(path: str) -> tuple[pd.DataFrame, dict[str, Path]]:

@@ -70,12 +70,15 @@ def score_model(model, tokenizer, rows: list[dict], labels: list[str], batch_siz
     }
 
 
+def feature_matrix(rows: list[dict]) -> np.ndarray:
+    return np.array([list(row["features"].values()) for row in rows])
+
+
 def logistic_regression_accuracy(train_rows: list[dict], eval_rows: list[dict]) -> float:
     """Accuracy of a standardized logistic regression fitted on the train split's features."""
-    features = lambda rows: np.array([list(row["features"].values()) for row in rows])  # noqa: E731
     classifier = make_pipeline(StandardScaler(), LogisticRegression(max_iter=1000))
-    classifier.fit(features(train_rows), [row["label"] for row in train_rows])
-    return float(classifier.score(features(eval_rows), [row["label"] for row in eval_rows]))
+    classifier.fit(feature_matrix(train_rows), [row["label"] for row in train_rows])
+    return float(classifier.score(feature_matrix(eval_rows), [row["label"] for row in eval_rows]))
 
 
 def evaluate(*, base_dir: Path, adapter_dir: Path, merged_dir: Path, dataset_dir: Path, params: EvaluateParams) -> tuple[dict, list[dict]]:
