@@ -1,11 +1,13 @@
 """Convert: turn fetched weights into a standard Hugging Face model directory of safetensors shards.
 
-    python -m stages.convert FETCHED_DIR OUT_DIR
+    python -m stages.convert FETCHED_DIR OUT_DIR TOKENIZER_DIR
 
 Reads a GGUF file (dequantized by transformers), a Hugging Face directory with safetensors or sharded
 pytorch_model-*.bin, or a Meta-style consolidated.*.pth with params.json and tokenizer.model. Writes
-config, tokenizer and chat template, and the weights in `convert.dtype` as shards of at most
-`convert.max_shard_size`; with `convert.write_pth` also one torch state dict, `model.pth`.
+the config and the weights in `convert.dtype` as shards of at most `convert.max_shard_size` (with
+`convert.write_pth` also one torch state dict, `model.pth`) to OUT_DIR, and the tokenizer with its chat
+template to TOKENIZER_DIR: a separate output, so that the dataset stage reruns when the tokenizer changes
+and not when only the weights do.
 Safetensors and .bin checkpoints are streamed tensor by tensor; a GGUF file is dequantized whole.
 """
 
@@ -43,8 +45,9 @@ META_TO_HF = {
 META_CONCAT_DIM1 = ("tok_embeddings", "attention.wo", "feed_forward.w2")
 
 
-def convert(*, src_dir: Path, out_dir: Path, dtype: str, max_shard_size: int, write_pth: bool) -> str:
-    """Convert the checkpoint in `src_dir` into a Hugging Face directory at `out_dir`; return its format."""
+def convert(*, src_dir: Path, out_dir: Path, tokenizer_dir: Path, dtype: str, max_shard_size: int, write_pth: bool) -> str:
+    """Convert the checkpoint in `src_dir` into Hugging Face weights at `out_dir` and its tokenizer at
+    `tokenizer_dir`; return the source format."""
     gguf_files = sorted(src_dir.glob("*.gguf"))
     meta_shards = sorted(src_dir.glob("consolidated.*.pth"))
     if gguf_files:
@@ -64,7 +67,7 @@ def convert(*, src_dir: Path, out_dir: Path, dtype: str, max_shard_size: int, wr
         )
     config.dtype = dtype
     config.save_pretrained(out_dir)
-    tokenizer.save_pretrained(out_dir)
+    tokenizer.save_pretrained(tokenizer_dir)
     state_dict_for_pth = {}
     with TensorWriter(out_dir, max_shard_size) as writer:
         for name, tensor in tensors:
@@ -177,15 +180,15 @@ def permute_rotary(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
 
 @exit_on_error
 def main() -> None:
-    if len(sys.argv) != 3:
-        sys.exit("usage: python -m stages.convert FETCHED_DIR OUT_DIR")
+    if len(sys.argv) != 4:
+        sys.exit("usage: python -m stages.convert FETCHED_DIR OUT_DIR TOKENIZER_DIR")
     params: ConvertParams = load_section("convert")
-    src_dir, out_dir = Path(sys.argv[1]), Path(sys.argv[2])
+    src_dir, out_dir, tokenizer_dir = map(Path, sys.argv[1:])
     max_shard_size = parse_size(params.max_shard_size, "convert.max_shard_size")
-    with atomic_dir(out_dir) as tmp:
+    with atomic_dir(out_dir) as tmp, atomic_dir(tokenizer_dir) as tokenizer_tmp:
         source_format = convert(
-            src_dir=src_dir, out_dir=tmp, dtype=params.dtype, max_shard_size=max_shard_size,
-            write_pth=params.write_pth,
+            src_dir=src_dir, out_dir=tmp, tokenizer_dir=tokenizer_tmp, dtype=params.dtype,
+            max_shard_size=max_shard_size, write_pth=params.write_pth,
         )
     print(f"converted {source_format} checkpoint {src_dir} -> {out_dir} ({params.dtype})")
 

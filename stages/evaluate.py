@@ -1,11 +1,12 @@
-"""Evaluate: accuracy and answer loss of the base, QLoRA and merged models on the eval split.
+"""Evaluate: answer loss and accuracy of the base, QLoRA and merged models on the eval split.
 
     python -m stages.evaluate BASE_DIR ADAPTER_DIR MERGED_DIR DATASET_DIR METRICS_FILE PREDICTIONS_FILE CONFUSION_FILE
 
-Each eval conversation is scored by the log-likelihood of every label as the assistant's answer (no free
-generation): the most likely label is the prediction. The answer loss is the mean negative
-log-likelihood per token of the reference answer. A logistic regression fitted on the same train split
-is the baseline a data scientist would try first.
+Works on the dataset stage's tokenized eval split, so every model sees exactly the tokens training saw.
+The eval loss is the mean negative log-likelihood per trained (answer) token. Rows with a label (tabular,
+multiple choice) are also classified by the log-likelihood of each possible answer after the prompt (no
+free generation): the most likely one is the prediction. Where rows have numeric features, a logistic
+regression fitted on the same train split is the baseline a data scientist would try first.
 """
 
 import json
@@ -13,6 +14,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 from peft import PeftModel
 from sklearn.linear_model import LogisticRegression
@@ -20,107 +22,132 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 from tqdm import tqdm
 
-from tuneline.artifacts import atomic_file, read_json, read_jsonl, write_json
+from tuneline.artifacts import atomic_file, write_json
 from tuneline.errors import exit_on_error
-from tuneline.modeling import (
-    QuantSpec, encode_pair, load_full_model, load_quantized_model, load_tokenizer, pad_batch, split_prompt_completion,
-)
+from tuneline.modeling import QuantSpec, load_full_model, load_quantized_model, load_tokenizer, pad_batch, read_split
 from tuneline.params import EvaluateParams, load_section
 
 
 @torch.no_grad()
-def answer_logprobs(model, tokenizer, pairs: list[tuple[str, str]], batch_size: int, desc: str) -> list[tuple[float, int]]:
-    """For each (prompt, completion): the summed log-probability of the completion's tokens, and their count.
+def completion_logprobs(
+    model, pad_id: int, pairs: list[tuple[list[int], list[int]]], batch_size: int, desc: str
+) -> list[float]:
+    """For each (prompt ids, completion ids): the summed log-probability of the completion's tokens.
 
     Rows are left-padded so that every completion ends at the last position; the model then computes
     logits for the last few positions only, which skips most of the vocabulary projection.
     """
     results = []
     for start in tqdm(range(0, len(pairs), batch_size), desc=desc, unit="batch"):
-        encoded = [encode_pair(tokenizer, prompt, completion) for prompt, completion in pairs[start : start + batch_size]]
-        inputs = pad_batch([ids for ids, _ in encoded], tokenizer.pad_token_id, side="left")
-        counts = [len(ids) - prompt_length for ids, prompt_length in encoded]
+        batch = pairs[start : start + batch_size]
+        inputs = pad_batch([prompt + completion for prompt, completion in batch], pad_id, side="left")
+        counts = [len(completion) for _, completion in batch]
         keep = max(counts) + 1
         logits = model(**inputs, logits_to_keep=keep).logits.float()
         # The token at position t is predicted by the logits at t - 1.
         log_probs = torch.log_softmax(logits[:, :-1], -1)
         targets = inputs["input_ids"][:, -keep + 1 :]
         token_log_probs = log_probs.gather(-1, targets[..., None]).squeeze(-1)
-        for row, count in enumerate(counts):
-            results.append((token_log_probs[row, -count:].sum().item(), count))
+        results += [token_log_probs[row, -count:].sum().item() for row, count in enumerate(counts)]
     return results
 
 
-def score_model(model, tokenizer, rows: list[dict], labels: list[str], batch_size: int, desc: str) -> dict:
-    """Predict each row's label by answer log-likelihood; return predictions, accuracy and answer loss."""
-    pairs = [
-        split_prompt_completion(tokenizer, row["messages"][:-1] + [{"role": "assistant", "content": label}])
-        for row in rows
-        for label in labels
-    ]
-    scored = np.array(answer_logprobs(model, tokenizer, pairs, batch_size, desc)).reshape(len(rows), len(labels), 2)
-    log_likelihood, token_counts = scored[..., 0], scored[..., 1]
-    truth = np.array([labels.index(row["label"]) for row in rows])
-    predicted = log_likelihood.argmax(axis=1)
-    rows_index = np.arange(len(rows))
-    return {
-        "predictions": [labels[index] for index in predicted],
-        "accuracy": float((predicted == truth).mean()),
-        "eval_loss": float(-log_likelihood[rows_index, truth].sum() / token_counts[rows_index, truth].sum()),
-    }
+@torch.no_grad()
+def answer_loss(model, pad_id: int, rows: pd.DataFrame, batch_size: int, desc: str) -> float:
+    """Mean negative log-likelihood per trained token (labels != -100), over every eval example."""
+    total, tokens = 0.0, 0
+    for start in tqdm(range(0, len(rows), batch_size), desc=desc, unit="batch"):
+        batch = rows.iloc[start : start + batch_size]
+        inputs = pad_batch([list(ids) for ids in batch["input_ids"]], pad_id)
+        labels = pad_batch([list(labels) for labels in batch["labels"]], -100)["input_ids"]
+        targets = labels[:, 1:]  # the token at position t is predicted by the logits at t - 1
+        mask = targets != -100
+        log_probs = torch.log_softmax(model(**inputs).logits.float()[:, :-1], -1)
+        token_log_probs = log_probs.gather(-1, targets.clamp(min=0)[..., None]).squeeze(-1)
+        total -= token_log_probs[mask].sum().item()
+        tokens += int(mask.sum())
+    return total / tokens
 
 
-def feature_matrix(rows: list[dict]) -> np.ndarray:
-    return np.array([list(row["features"].values()) for row in rows])
+def classify(model, pad_id: int, rows: pd.DataFrame, batch_size: int, desc: str) -> list[str]:
+    """Each labelled row's most likely answer among its choices, scored after its prompt."""
+    pairs, owners = [], []
+    for number, row in enumerate(rows.itertuples()):
+        prompt = list(row.input_ids[: row.prompt_length])
+        for choice, ids in zip(row.choices, row.choice_ids):
+            pairs.append((prompt, list(ids)))
+            owners.append((number, choice))
+    scores = completion_logprobs(model, pad_id, pairs, batch_size, desc)
+    best: dict[int, tuple[float, str]] = {}
+    for (number, choice), score in zip(owners, scores):
+        if number not in best or score > best[number][0]:
+            best[number] = (score, choice)
+    return [best[number][1] for number in range(len(rows))]
 
 
-def logistic_regression_accuracy(train_rows: list[dict], eval_rows: list[dict]) -> float:
+def feature_matrix(rows: pd.DataFrame) -> np.ndarray:
+    return np.array([list(json.loads(features).values()) for features in rows["features"]])
+
+
+def logistic_regression_accuracy(train_rows: pd.DataFrame, eval_rows: pd.DataFrame) -> float:
     """Accuracy of a standardized logistic regression fitted on the train split's features."""
     classifier = make_pipeline(StandardScaler(), LogisticRegression(max_iter=1000))
-    classifier.fit(feature_matrix(train_rows), [row["label"] for row in train_rows])
-    return float(classifier.score(feature_matrix(eval_rows), [row["label"] for row in eval_rows]))
+    classifier.fit(feature_matrix(train_rows), train_rows["label"])
+    return float(classifier.score(feature_matrix(eval_rows), eval_rows["label"]))
 
 
-def evaluate(*, base_dir: Path, adapter_dir: Path, merged_dir: Path, dataset_dir: Path, params: EvaluateParams) -> tuple[dict, list[dict]]:
+def evaluate(
+    *, base_dir: Path, adapter_dir: Path, merged_dir: Path, dataset_dir: Path, params: EvaluateParams
+) -> tuple[dict, list[dict]]:
     """Score base, QLoRA and merged models on the eval split; return (metrics, per-row predictions)."""
-    card = read_json(dataset_dir / "card.json")
-    labels = card["labels"]
-    train_rows = read_jsonl(dataset_dir / "train.jsonl")
-    eval_rows = read_jsonl(dataset_dir / "eval.jsonl")
+    eval_rows = read_split(dataset_dir / "eval.parquet")
     if params.max_examples:
-        eval_rows = eval_rows[: params.max_examples]
-    tokenizer = load_tokenizer(base_dir)
+        eval_rows = eval_rows.iloc[: params.max_examples]
+    labelled = eval_rows[eval_rows["label"].notna()]
+    pad_id = load_tokenizer(dataset_dir / "tokenizer").pad_token_id
     # One model in memory at a time: each is loaded, scored and dropped.
     loaders = {
         "base": lambda: load_full_model(base_dir),
-        "qlora": lambda: PeftModel.from_pretrained(load_quantized_model(base_dir, QuantSpec.load(adapter_dir)), adapter_dir),
+        "qlora": lambda: PeftModel.from_pretrained(
+            load_quantized_model(base_dir, QuantSpec.load(adapter_dir)), adapter_dir
+        ),
         "merged": lambda: load_full_model(merged_dir),
     }
-    results = {
-        name: score_model(load().eval(), tokenizer, eval_rows, labels, params.batch_size, desc=f"scoring {name}")
-        for name, load in loaders.items()
-    }
-    metrics = {
-        "accuracy": {name: result["accuracy"] for name, result in results.items()},
-        "eval_loss": {name: result["eval_loss"] for name, result in results.items()},
-        "examples": len(eval_rows),
-    }
-    metrics["accuracy"]["logistic_regression"] = logistic_regression_accuracy(train_rows, eval_rows)
-    predictions = [
-        {"user": row["messages"][-2]["content"], "label": row["label"]}
-        | {name: result["predictions"][index] for name, result in results.items()}
-        for index, row in enumerate(eval_rows)
+    metrics: dict = {"eval_loss": {}, "examples": len(eval_rows)}
+    predictions: dict[str, list[str]] = {}
+    for name, load in loaders.items():
+        model = load().eval()
+        metrics["eval_loss"][name] = answer_loss(model, pad_id, eval_rows, params.batch_size, f"loss {name}")
+        if len(labelled):
+            predictions[name] = classify(model, pad_id, labelled, params.batch_size, f"classify {name}")
+    if len(labelled):
+        truth = np.array(labelled["label"])
+        metrics["accuracy"] = {
+            name: float(np.mean(np.array(predicted) == truth)) for name, predicted in predictions.items()
+        }
+        metrics["labelled_examples"] = len(labelled)
+        train_rows = read_split(dataset_dir / "train.parquet")
+        with_features = train_rows[train_rows["features"].notna()]
+        if len(with_features) and labelled["features"].notna().all():
+            metrics["accuracy"]["logistic_regression"] = logistic_regression_accuracy(with_features, labelled)
+    rows = [
+        {"ref": row.ref, "label": row.label} | {name: predicted[number] for name, predicted in predictions.items()}
+        for number, row in enumerate(labelled.itertuples())
     ]
-    return metrics, predictions
+    return metrics, rows
 
 
 @exit_on_error
 def main() -> None:
     if len(sys.argv) != 8:
-        sys.exit("usage: python -m stages.evaluate BASE_DIR ADAPTER_DIR MERGED_DIR DATASET_DIR "
-                 "METRICS_FILE PREDICTIONS_FILE CONFUSION_FILE")
+        sys.exit(
+            "usage: python -m stages.evaluate BASE_DIR ADAPTER_DIR MERGED_DIR DATASET_DIR "
+            "METRICS_FILE PREDICTIONS_FILE CONFUSION_FILE"
+        )
     params: EvaluateParams = load_section("evaluate")
-    base_dir, adapter_dir, merged_dir, dataset_dir, metrics_file, predictions_file, confusion_file = map(Path, sys.argv[1:])
+    base_dir, adapter_dir, merged_dir, dataset_dir, metrics_file, predictions_file, confusion_file = map(
+        Path, sys.argv[1:]
+    )
     metrics, predictions = evaluate(
         base_dir=base_dir, adapter_dir=adapter_dir, merged_dir=merged_dir, dataset_dir=dataset_dir, params=params
     )
@@ -128,8 +155,8 @@ def main() -> None:
         tmp.write_text("".join(json.dumps(row) + "\n" for row in predictions))
     write_json(confusion_file, [{"actual": row["label"], "predicted": row["merged"]} for row in predictions])
     write_json(metrics_file, metrics)
-    accuracy = metrics["accuracy"]
-    print("evaluate: accuracy " + ", ".join(f"{name} {value:.3f}" for name, value in accuracy.items()))
+    figures, kind = (metrics["accuracy"], "accuracy") if "accuracy" in metrics else (metrics["eval_loss"], "eval loss")
+    print(f"evaluate: {kind} " + ", ".join(f"{name} {value:.3f}" for name, value in figures.items()))
 
 
 if __name__ == "__main__":

@@ -22,11 +22,10 @@ from peft import PeftModel
 from peft.tuners.lora import LoraLayer
 from transformers import AutoModelForCausalLM
 
-from tuneline.artifacts import TensorWriter, atomic_dir, parse_size, read_jsonl, write_json
+from tuneline.artifacts import TensorWriter, atomic_dir, parse_size, write_json
 from tuneline.errors import exit_on_error
 from tuneline.modeling import (
-    DTYPES, QuantSpec, encode_pair, load_full_model, load_quantized_model, load_tokenizer, pad_batch,
-    split_prompt_completion,
+    DTYPES, QuantSpec, load_full_model, load_quantized_model, load_tokenizer, pad_batch, read_split,
 )
 from tuneline.params import MergeParams, load_section
 
@@ -102,15 +101,14 @@ def fidelity(reference: torch.nn.Module, candidates: dict[str, torch.nn.Module],
     return {name: {"kl": kl_sum[name] / positions, "top1": agree[name] / positions} for name in candidates}
 
 
-def held_out_batches(tokenizer, rows: list[dict], batch_size: int = 8) -> list:
-    sequences = [encode_pair(tokenizer, *split_prompt_completion(tokenizer, row["messages"]))[0] for row in rows]
+def held_out_batches(tokenizer, sequences: list[list[int]], batch_size: int = 8) -> list:
     return [pad_batch(sequences[i : i + batch_size], tokenizer.pad_token_id) for i in range(0, len(sequences), batch_size)]
 
 
-def merge(*, base_dir: Path, adapter_dir: Path, eval_rows: list[dict], params: MergeParams, out_dir: Path) -> dict:
+def merge(*, base_dir: Path, adapter_dir: Path, dataset_dir: Path, params: MergeParams, out_dir: Path) -> dict:
     """Write the dequantize-then-merge model to `out_dir` and return the fidelity metrics."""
     spec = QuantSpec.load(adapter_dir)
-    tokenizer = load_tokenizer(base_dir)
+    tokenizer = load_tokenizer(dataset_dir / "tokenizer")  # the training tokenizer, pad token included
     qlora_model = PeftModel.from_pretrained(load_quantized_model(base_dir, spec), adapter_dir).eval()
     write_merged_model(qlora_model, tokenizer, out_dir, params.dtype, parse_size(params.max_shard_size, "merge.max_shard_size"))
     candidates = {
@@ -121,8 +119,8 @@ def merge(*, base_dir: Path, adapter_dir: Path, eval_rows: list[dict], params: M
         "into_4bit": PeftModel.from_pretrained(load_quantized_model(base_dir, spec), adapter_dir).merge_and_unload(),
         "into_original": PeftModel.from_pretrained(load_full_model(base_dir), adapter_dir).merge_and_unload(),
     }
-    rows = eval_rows[: params.num_prompts]
-    batches = held_out_batches(tokenizer, rows)
+    sequences = [list(ids) for ids in read_split(dataset_dir / "eval.parquet")["input_ids"][: params.num_prompts]]
+    batches = held_out_batches(tokenizer, sequences)
     figures = fidelity(qlora_model, {name: model.eval() for name, model in candidates.items()}, batches)
     return {
         "kl": figures["ours"]["kl"],
@@ -132,7 +130,7 @@ def merge(*, base_dir: Path, adapter_dir: Path, eval_rows: list[dict], params: M
         "kl_merge_into_original": figures["into_original"]["kl"],
         "top1_merge_into_original": figures["into_original"]["top1"],
         "dtype": params.dtype,
-        "prompts": len(rows),
+        "prompts": len(sequences),
         "positions": sum(int(inputs["attention_mask"].sum()) for inputs in batches),
     }
 
@@ -143,9 +141,8 @@ def main() -> None:
         sys.exit("usage: python -m stages.merge BASE_DIR ADAPTER_DIR DATASET_DIR MERGED_DIR METRICS_FILE")
     params: MergeParams = load_section("merge")
     base_dir, adapter_dir, dataset_dir, merged_dir, metrics_file = map(Path, sys.argv[1:])
-    eval_rows = read_jsonl(dataset_dir / "eval.jsonl")
     with atomic_dir(merged_dir) as tmp:
-        metrics = merge(base_dir=base_dir, adapter_dir=adapter_dir, eval_rows=eval_rows, params=params, out_dir=tmp)
+        metrics = merge(base_dir=base_dir, adapter_dir=adapter_dir, dataset_dir=dataset_dir, params=params, out_dir=tmp)
         write_json(metrics_file, metrics)
     print(f"merge: KL {metrics['kl']:.2e} (top-1 {metrics['top1_agreement']:.4f}); "
           f"into 4-bit KL {metrics['kl_merge_into_4bit']:.2e}; into original KL {metrics['kl_merge_into_original']:.2e}")

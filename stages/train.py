@@ -3,8 +3,9 @@
     python -m stages.train BASE_DIR DATASET_DIR ADAPTER_DIR METRICS_FILE LIVE_DIR
 
 The base's linear layers are loaded in 4-bit (bitsandbytes NF4 by default, double quantization) and
-computed in `train.compute_dtype`; LoRA adapters from the `train` params are trained with the loss on the
-assistant answer only. Writes the adapter (adapter_config.json, adapter_model.safetensors and the
+computed in `train.compute_dtype`; LoRA adapters from the `train` params are trained on the dataset stage's
+tokenized split as it is: its labels already hold the loss mask (assistant turns only), so nothing is
+re-tokenized or truncated here. Writes the adapter (adapter_config.json, adapter_model.safetensors and the
 quantization spec that merge must rebuild), train metrics, and the loss curve through DVCLive.
 Runs on the CPU through bitsandbytes' CPU backend and on CUDA unchanged.
 """
@@ -23,9 +24,9 @@ from transformers import SchedulerType, TrainerCallback, set_seed
 from transformers.training_args import OptimizerNames
 from trl import SFTConfig, SFTTrainer
 
-from tuneline.artifacts import atomic_dir, read_jsonl, write_json
+from tuneline.artifacts import atomic_dir, write_json
 from tuneline.errors import TunelineError, exit_on_error
-from tuneline.modeling import DTYPES, QuantSpec, load_quantized_model, load_tokenizer, split_prompt_completion
+from tuneline.modeling import DTYPES, QuantSpec, load_quantized_model, load_tokenizer, read_split
 from tuneline.params import TrainParams, load_section
 
 
@@ -57,16 +58,6 @@ def check_target_modules(model: torch.nn.Module, target_modules: list[str] | str
                 f"params.yaml: train.target_modules: '{target}' matches no linear layer of the model; "
                 f"its linear layers are: {', '.join(sorted(linear_names))} (or use all-linear)"
             )
-
-
-def to_prompt_completion(rows: list[dict], tokenizer) -> Dataset:
-    """Render each conversation with the model's own chat template as text prompt/completion pairs.
-
-    Rendering here, rather than handing TRL conversational rows, keeps training, scoring and generation
-    on identical text, and TRL's completion_only_loss then puts the loss on the answer alone.
-    """
-    pairs = [split_prompt_completion(tokenizer, row["messages"]) for row in rows]
-    return Dataset.from_dict({"prompt": [p for p, _ in pairs], "completion": [c for _, c in pairs]})
 
 
 def check_trainer_choices(params: TrainParams) -> None:
@@ -112,8 +103,7 @@ def training_config(params: TrainParams, checkpoint_dir: Path) -> SFTConfig:
         gradient_accumulation_steps=params.gradient_accumulation_steps,
         max_steps=params.max_steps if params.max_steps > 0 else -1,
         num_train_epochs=params.num_epochs,
-        max_length=params.max_length,
-        completion_only_loss=True,
+        max_length=None,  # the dataset stage already fit every example to dataset.max_length
         gradient_checkpointing=params.gradient_checkpointing,
         # Non-reentrant checkpointing lets gradients reach the adapters behind the frozen 4-bit layers.
         gradient_checkpointing_kwargs={"use_reentrant": False},
@@ -126,11 +116,11 @@ def training_config(params: TrainParams, checkpoint_dir: Path) -> SFTConfig:
     )
 
 
-def train(*, base_dir: Path, train_rows: list[dict], params: TrainParams, adapter_dir: Path, live: Live) -> dict:
+def train(*, base_dir: Path, dataset_dir: Path, params: TrainParams, adapter_dir: Path, live: Live) -> dict:
     """Train LoRA adapters on the 4-bit base; save them to `adapter_dir` and return the train metrics."""
     check_trainer_choices(params)
     set_seed(params.seed)
-    tokenizer = load_tokenizer(base_dir)
+    tokenizer = load_tokenizer(dataset_dir / "tokenizer")  # the one the data were tokenized with
     spec = QuantSpec(params.quant_type, params.double_quant, params.compute_dtype)
     model = load_quantized_model(base_dir, spec)
     check_target_modules(model, params.target_modules)
@@ -148,7 +138,8 @@ def train(*, base_dir: Path, train_rows: list[dict], params: TrainParams, adapte
         trainer = SFTTrainer(
             model=model,
             args=training_config(params, Path(scratch)),
-            train_dataset=to_prompt_completion(train_rows, tokenizer),
+            # input_ids, attention_mask and labels as the dataset stage wrote them (labels hold the loss mask)
+            train_dataset=Dataset.from_pandas(read_split(dataset_dir / "train.parquet")[["input_ids", "attention_mask", "labels"]]),
             processing_class=tokenizer,
             peft_config=lora_config,
             callbacks=[LiveLossCurve(live)],
@@ -179,10 +170,9 @@ def main() -> None:
         sys.exit("usage: python -m stages.train BASE_DIR DATASET_DIR ADAPTER_DIR METRICS_FILE LIVE_DIR")
     params: TrainParams = load_section("train")
     base_dir, dataset_dir, adapter_dir, metrics_file, live_dir = map(Path, sys.argv[1:])
-    train_rows = read_jsonl(dataset_dir / "train.jsonl")
     with atomic_dir(adapter_dir) as adapter_tmp, atomic_dir(live_dir) as live_tmp:
         with Live(dir=str(live_tmp), dvcyaml=None, save_dvc_exp=False) as live:
-            metrics = train(base_dir=base_dir, train_rows=train_rows, params=params, adapter_dir=adapter_tmp, live=live)
+            metrics = train(base_dir=base_dir, dataset_dir=dataset_dir, params=params, adapter_dir=adapter_tmp, live=live)
         write_json(metrics_file, metrics)
     print(f"train: loss {metrics['first_loss']} -> {metrics['final_loss']} in {metrics['steps']} steps "
           f"({metrics['seconds_per_step']} s/step on {metrics['device']})")

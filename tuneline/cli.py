@@ -1,6 +1,7 @@
 """The `tuneline` command.
 
     tuneline check               validate params.yaml against the schema, every section
+    tuneline dataset preview     the first rendered examples of each dataset source, trained tokens in ⟦ ⟧
     tuneline retrain [REPO_DIR]  run the Prefect retrain flow (ephemeral Prefect unless PREFECT_API_URL is set)
 """
 
@@ -9,7 +10,7 @@ import sys
 from pathlib import Path
 
 from tuneline.errors import TunelineError
-from tuneline.params import PARAMS_FILE, SECTIONS, read_params_file, validate_section
+from tuneline.params import PARAMS_FILE, SECTIONS, load_section, read_params_file, validate_section
 
 
 def check(params_file: Path) -> None:
@@ -27,12 +28,25 @@ def main(argv: list[str] | None = None) -> None:
     commands = parser.add_subparsers(dest="command", required=True)
     check_parser = commands.add_parser("check", help="validate params.yaml")
     check_parser.add_argument("--params", type=Path, default=PARAMS_FILE)
+    dataset_parser = commands.add_parser("dataset", help="look at the data as the model will see it")
+    dataset_commands = dataset_parser.add_subparsers(dest="dataset_command", required=True)
+    preview_parser = dataset_commands.add_parser("preview", help="render the first examples of every source")
+    preview_parser.add_argument("-n", "--count", type=int, default=3, help="examples per source (default 3)")
+    preview_parser.add_argument("--params", type=Path, default=PARAMS_FILE)
+    preview_parser.add_argument("--data", type=Path, default=Path("data/sources"), help="the sources' folder")
+    preview_parser.add_argument("--tokenizer", type=Path, default=Path("models/tokenizer"),
+                                help="a tokenizer directory (default: the one the convert stage writes)")
     retrain_parser = commands.add_parser("retrain", help="run the Prefect retrain flow")
     retrain_parser.add_argument("repo_dir", type=Path, nargs="?", default=Path("."))
     args = parser.parse_args(argv)
     try:
         if args.command == "check":
             check(args.params)
+        elif args.command == "dataset":
+            from stages.dataset import preview
+
+            params = load_section("dataset", args.params)
+            print(preview(params=params, data_dir=args.data, tokenizer_dir=args.tokenizer, count=args.count))
         elif args.command == "retrain":
             from flows.retrain import retrain
 

@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import bitsandbytes as bnb
+import pandas as pd
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, PreTrainedTokenizerBase
 
@@ -77,29 +78,11 @@ def load_full_model(model_dir: Path, dtype: str = "float32") -> torch.nn.Module:
     return AutoModelForCausalLM.from_pretrained(model_dir, dtype=DTYPES[dtype], device_map={"": device()})
 
 
-def split_prompt_completion(tokenizer: PreTrainedTokenizerBase, messages: list[dict]) -> tuple[str, str]:
-    """Render a conversation with the model's chat template as (prompt, completion) text.
-
-    The prompt ends with the template's assistant header; the completion is the last assistant answer
-    closed by the end-of-turn token, so that training, scoring and generation see identical text. What
-    the template writes after that token (a newline between turns) is dropped: generation stops at the
-    token, and TRL would otherwise append a second end-of-turn to a completion not ending with it.
-    """
-    full = tokenizer.apply_chat_template(messages, tokenize=False)
-    prompt = tokenizer.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True)
-    if not full.startswith(prompt):
-        raise TunelineError("the chat template renders the answer differently from the prompt; use another template")
-    completion = full[len(prompt) :]
-    if tokenizer.eos_token and completion.rstrip().endswith(tokenizer.eos_token):
-        completion = completion.rstrip()
-    return prompt, completion
-
-
-def encode_pair(tokenizer: PreTrainedTokenizerBase, prompt: str, completion: str) -> tuple[list[int], int]:
-    """Token ids of prompt then completion, each tokenized alone as in generation; and the prompt length."""
-    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    completion_ids = tokenizer(completion, add_special_tokens=False)["input_ids"]
-    return prompt_ids + completion_ids, len(prompt_ids)
+def read_split(path: Path) -> pd.DataFrame:
+    """A tokenized split written by the dataset stage (input_ids, labels, prompt_length, label, choices...)."""
+    if not path.exists():
+        raise TunelineError(f"{path}: not found; run the dataset stage first (dvc repro dataset)")
+    return pd.read_parquet(path)
 
 
 def pad_batch(sequences: list[list[int]], pad_id: int, side: str = "right") -> dict[str, torch.Tensor]:

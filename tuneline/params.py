@@ -6,7 +6,7 @@ such as ``params.yaml: train.lora_r: expected an integer, got 'sixteen'``.
 """
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -33,17 +33,63 @@ class ConvertParams(Section):
     write_pth: bool  # also write one torch state dict (.pth) beside the safetensors shards
 
 
-class DatasetParams(Section):
-    source: str  # "sklearn:breast_cancer" or a CSV path
+class Source(Section):
+    """One input of the dataset stage; `format` says how its rows become conversations."""
+
+    path: str  # a file or glob under the data folder, sklearn:NAME, or hf://NAME@REVISION
+    columns: dict[str, str] = Field(default_factory=dict)  # field the format reads -> column name in the rows
+    system_prompt: str | None = None  # overrides dataset.system_prompt for this source
+    max_rows: int | None = Field(default=None, gt=0)  # read at most this many rows (a seeded sample)
+    weight: float = Field(default=1.0, gt=0)  # scales this source's share of the train split
+    split: str = "train"  # hf:// sources: the split to load
+    subset: str | None = None  # hf:// sources: the configuration name
+
+
+class AlpacaSource(Source):
+    format: Literal["alpaca"]  # instruction, input (optional), output
+
+
+class MessagesSource(Source):
+    format: Literal["messages"]  # messages: [{role, content}] or ShareGPT conversations: [{from, value}]
+
+
+class OasstSource(Source):
+    format: Literal["oasst"]  # text: "### Human: ... ### Assistant: ..."
+
+
+class PromptCompletionSource(Source):
+    format: Literal["prompt_completion"]  # prompt, completion
+
+
+class McqSource(Source):
+    format: Literal["mcq"]  # question, A, B, C, D (or choices: a list of four), answer (A-D or 0-3), context
+
+
+class TabularSource(Source):
+    format: Literal["tabular"]  # feature columns and a label column; every row becomes one question
     label_column: str
     label_names: dict[str, str]  # raw label value (as text) -> the answer the model learns
     features: list[str]
     decimals: int = Field(ge=0)
-    balance: bool  # downsample every label to the rarest one's count
-    eval_fraction: float = Field(gt=0, lt=1)
-    seed: int
-    system_prompt: str
     user_template: str  # must contain {measurements}
+
+
+AnySource = Annotated[
+    AlpacaSource | MessagesSource | OasstSource | PromptCompletionSource | McqSource | TabularSource,
+    Field(discriminator="format"),
+]
+
+
+class DatasetParams(Section):
+    sources: list[AnySource] = Field(min_length=1)
+    template: Literal["tokenizer", "llama2", "llama3", "chatml", "alpaca"]  # tokenizer = the model's own
+    system_prompt: str  # used where a conversation has none and the template has a system turn; "" = none
+    train_on: Literal["all_turns", "last_turn"]  # which assistant turns carry the loss
+    max_length: int = Field(gt=0)  # tokens; longer conversations are cut to whole turns, or dropped
+    balance: bool  # downsample every label to the rarest one's count (sources with labels)
+    eval_fraction: float = Field(gt=0, lt=1)  # stratified by source and label
+    seed: int
+    on_bad_row: Literal["error", "skip"]  # skip: bad rows are counted and listed in the card
 
 
 class TrainParams(Section):
@@ -64,7 +110,6 @@ class TrainParams(Section):
     gradient_accumulation_steps: int = Field(gt=0)
     max_steps: int  # > 0 wins over num_epochs
     num_epochs: float = Field(gt=0)
-    max_length: int = Field(gt=0)
     gradient_checkpointing: bool
     optim: str  # "adamw_torch" on CPU; "paged_adamw_8bit" on CUDA
     logging_steps: int = Field(gt=0)
@@ -119,13 +164,24 @@ def load_section(name: str, path: Path = PARAMS_FILE) -> Section:
     return validate_section(name, read_params_file(path).get(name), path)
 
 
+SOURCE_FORMATS = {
+    source.model_fields["format"].annotation.__args__[0]: source
+    for source in (AlpacaSource, MessagesSource, OasstSource, PromptCompletionSource, McqSource, TabularSource)
+}
+
+
 def describe_validation_error(section: str, error: ValidationError) -> str:
     first = error.errors()[0]
+    loc = first["loc"]
     # Only the top-level key: deeper parts of pydantic's loc can be type tags (a union's "list[str]").
-    key = f"{section}.{first['loc'][0]}"
+    key, fields = f"{section}.{loc[0]}", SECTIONS[section].model_fields
+    if section == "dataset" and loc[0] == "sources" and len(loc) > 1:
+        key = f"{key}[{loc[1]}]"  # loc is ("sources", index, format tag, field, ...)
+        if first["type"] in ("union_tag_invalid", "union_tag_not_found"):
+            return f"{key}.format: must be one of: {', '.join(SOURCE_FORMATS)} (got {first['input'].get('format')!r})"
+        key, fields = f"{key}.{loc[3]}", SOURCE_FORMATS[loc[2]].model_fields
     if first["type"] == "extra_forbidden":
-        known = ", ".join(SECTIONS[section].model_fields)
-        return f"{key}: unknown key; the keys of '{section}' are: {known}"
+        return f"{key}: unknown key; the keys here are: {', '.join(fields)}"
     if first["type"] == "missing":
-        return f"{key}: missing; add it to the '{section}' section"
+        return f"{key}: missing; add it to {key.rsplit('.', 1)[0]}"
     return f"{key}: {first['msg'].lower()} (got {first['input']!r})"
