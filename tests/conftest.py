@@ -135,18 +135,56 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     return out
 
 
+TINY_SOURCE = "tiny.jsonl"  # an alpaca-format file under data/sources, beside the real params' sklearn table
+
+
+def write_tiny_sources(data_dir: Path) -> Path:
+    """Write data/sources/tiny.jsonl: 40 alpaca rows (instruction, input on every other row, output)."""
+    words = ["malignant", "benign", "radius", "texture", "area", "perimeter", "smoothness", "concavity"]
+    rows = [
+        {"instruction": f"Repeat the word {words[i % 8]} {i} times.", "input": "" if i % 2 else f"case {i}",
+         "output": " ".join([words[i % 8]] * (1 + i % 3))}
+        for i in range(40)
+    ]
+    data_dir.mkdir(parents=True, exist_ok=True)
+    path = data_dir / TINY_SOURCE
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
 @pytest.fixture(scope="session")
 def tiny_params(tiny_model_dir) -> dict:
-    """The repo's params.yaml, shrunk for speed; every key not named here is kept as in the real file."""
+    """The repo's params.yaml, shrunk for speed; every key not named here is kept as in the real file.
+    The dataset mixes the real sklearn table (labels: accuracy) with a small alpaca file (free text)."""
     params = yaml.safe_load((PROJECT / "params.yaml").read_text())
     params["fetch"]["source"] = f"file://{tiny_model_dir}"
     params["fetch"]["sha256"] = {}
     params["convert"]["dtype"] = "float32"
     params["dataset"]["eval_fraction"] = 0.1
+    params["dataset"]["sources"].append({"path": TINY_SOURCE, "format": "alpaca"})
     params["train"].update(max_steps=4, batch_size=4, logging_steps=1)
     params["merge"]["num_prompts"] = 4
     params["evaluate"]["max_examples"] = 8
     return params
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset_dir(tmp_path_factory, tiny_model_dir, tiny_params) -> Path:
+    """The dataset stage's output for the tiny params, tokenized with the tiny model's tokenizer."""
+    from transformers import AutoTokenizer
+
+    from stages.dataset import build_dataset, write_outputs
+    from tuneline.params import validate_section
+
+    root = tmp_path_factory.mktemp("dataset")
+    data_dir = write_tiny_sources(root / "sources").parent
+    params = validate_section("dataset", tiny_params["dataset"])
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    built = build_dataset(params=params, data_dir=data_dir, tokenizer=tokenizer, tokenizer_dir=tiny_model_dir)
+    out = root / "dataset"
+    out.mkdir()
+    write_outputs(built, params, tokenizer, tiny_model_dir, out)
+    return out
 
 
 @pytest.fixture
@@ -222,6 +260,7 @@ def make_pipeline_repo(dest: Path, params: dict) -> Path:
     for package in ("stages", "tuneline", "flows"):
         shutil.copytree(PROJECT / package, dest / package, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
     write_params(dest, params)
+    write_tiny_sources(dest / "data" / "sources")
     (dest / ".gitignore").write_text("__pycache__/\n*.pyc\n")
     git(dest, "init", "-q")
     git(dest, "config", "user.email", "tests@tuneline.invalid")

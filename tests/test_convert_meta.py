@@ -70,9 +70,9 @@ def test_meta_checkpoint_converts_to_same_logits(tmp_path: Path, shards: int) ->
     write_meta_checkpoint(model, src, shards)
     train_sentencepiece(src)
 
-    assert convert(src_dir=src, out_dir=out, dtype="float32", max_shard_size=10**9, write_pth=False) == "meta"
+    assert convert(src_dir=src, out_dir=out, tokenizer_dir=tmp_path / "tokenizer", dtype="float32", max_shard_size=10**9, write_pth=False) == "meta"
 
-    tokenizer = AutoTokenizer.from_pretrained(out)
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "tokenizer")
     assert len(tokenizer) == 40 and tokenizer("the tumour is benign")["input_ids"], "the SentencePiece vocabulary was lost"
     converted = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     input_ids = torch.randint(0, 40, (2, 12))

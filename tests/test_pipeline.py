@@ -4,15 +4,22 @@ All tests share the session's pipeline repo (see conftest): `reproduced_pipeline
 `dvc repro`; `clean_pipeline_repo` hands it over fully reproduced and restores it after the test.
 """
 
+import hashlib
 import json
+import os
+import shutil
 from pathlib import Path
 
 import yaml
 
-from conftest import STAGES, describe, dvc, dvc_status, ran_stages, repro, write_params
+from conftest import CHATML_TEMPLATE, STAGES, TINY_SOURCE, describe, dvc, dvc_status, ran_stages, repro, write_params
 
 MERGE_KEYS = {"kl", "top1_agreement", "kl_merge_into_4bit", "top1_merge_into_4bit", "kl_merge_into_original",
               "top1_merge_into_original"}
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def read_params(repo: Path) -> dict:
@@ -47,8 +54,9 @@ def test_full_repro_runs_all_six_stages(pipeline_repo, reproduced_pipeline):
     assert merge["prompts"] == 4  # merge.num_prompts
     train = json.loads((pipeline_repo / "metrics/train.json").read_text())
     assert train["steps"] == 4  # train.max_steps
-    card = json.loads((pipeline_repo / "data/dataset/card.json").read_text())
-    assert card["rows_train"] + card["rows_eval"] == card["rows_kept"]
+    card = json.loads((pipeline_repo / "data/dataset/dataset_card.json").read_text())
+    assert card["steps_per_source"]["read"] == {"0:sklearn:breast_cancer": 569, "1:tiny.jsonl": 40}
+    assert card["sha256"]["inputs"]["data/sources/tiny.jsonl"] == sha256(pipeline_repo / "data/sources/tiny.jsonl")
     for path in ("models/fetched/tuneline_manifest.json", "models/base/config.json",
                  "models/adapter/adapter_model.safetensors", "models/merged/config.json",
                  "eval/predictions.jsonl", "eval/confusion.json", "dvclive/train/plots/metrics/loss.tsv"):
@@ -137,3 +145,74 @@ def test_wrong_type_param_fails_with_one_clear_line(clean_pipeline_repo):
     assert "sixteen" in line
     assert ran_stages(result) == {"train"}
     assert leftovers(clean_pipeline_repo) == []
+
+
+# ------------------------------------------------------------------------------ data caching by content
+
+
+def test_touching_a_data_file_reruns_nothing_and_editing_it_reruns_dataset_onwards(clean_pipeline_repo):
+    data_file = clean_pipeline_repo / "data/sources" / TINY_SOURCE
+    content = data_file.read_bytes()
+    data_file.write_bytes(content)  # rewritten unchanged: new mtime, same content
+    os.utime(data_file, (1, 1))
+    assert dvc_status(clean_pipeline_repo) == {}
+    ran = repro(clean_pipeline_repo)
+    assert ran == set(), ran.log
+
+    # every answer edited, so that the few training steps surely see a changed row
+    rows = [json.loads(line) for line in content.decode().splitlines()]
+    data_file.write_text("".join(json.dumps({**row, "output": row["output"] + " indeed"}) + "\n" for row in rows))
+    assert set(dvc_status(clean_pipeline_repo)) == {"dataset"}
+    ran = repro(clean_pipeline_repo)
+    assert ran == {"dataset", "train", "merge", "evaluate"}, ran.log
+    card = json.loads((clean_pipeline_repo / "data/dataset/dataset_card.json").read_text())
+    assert card["sha256"]["inputs"][f"data/sources/{TINY_SOURCE}"] == sha256(data_file)
+
+
+def test_template_change_reruns_dataset_onwards(clean_pipeline_repo):
+    params = read_params(clean_pipeline_repo)
+    params["dataset"]["template"] = "chatml"
+    write_params(clean_pipeline_repo, params)
+    assert set(dvc_status(clean_pipeline_repo)) == {"dataset"}
+    ran = repro(clean_pipeline_repo, "dataset")
+    assert ran == {"dataset"}, ran.log
+    card = json.loads((clean_pipeline_repo / "data/dataset/dataset_card.json").read_text())
+    assert card["template"]["name"] == "chatml"
+
+
+def test_new_tokenizer_reruns_dataset_but_new_weights_alone_do_not(clean_pipeline_repo, tiny_model_dir, tmp_path):
+    """The dataset stage depends on models/tokenizer, not models/base: re-tokenizing follows the tokenizer."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    new_weights = tmp_path / "new-weights"
+    shutil.copytree(tiny_model_dir, new_weights)
+    weights = load_file(new_weights / "model.safetensors")
+    weights["model.norm.weight"] = weights["model.norm.weight"] * 1.5
+    save_file(weights, new_weights / "model.safetensors", metadata={"format": "pt"})
+    params = read_params(clean_pipeline_repo)
+    params["fetch"]["source"] = f"file://{new_weights}"
+    write_params(clean_pipeline_repo, params)
+    ran = repro(clean_pipeline_repo)
+    assert ran == {"fetch", "convert", "train", "merge", "evaluate"}, ran.log
+
+    new_template = tmp_path / "new-template"
+    shutil.copytree(new_weights, new_template)
+    # the same template with a blank line between turns
+    (new_template / "chat_template.jinja").write_text(CHATML_TEMPLATE.replace("'<|im_end|>' + '\n'", "'<|im_end|>' + '\n\n'"))
+    params["fetch"]["source"] = f"file://{new_template}"
+    write_params(clean_pipeline_repo, params)
+    ran = repro(clean_pipeline_repo, "dataset")
+    assert ran == {"fetch", "convert", "dataset"}, ran.log
+    first = json.loads((clean_pipeline_repo / "data/dataset/train.jsonl").read_text().splitlines()[0])
+    assert "<|im_end|>\n\n<|im_start|>" in first["text"]
+    assert torch.equal(load_file(clean_pipeline_repo / "models/base/model.safetensors")["model.norm.weight"], weights["model.norm.weight"])
+
+
+def test_dataset_card_change_alone_retrains_nothing(clean_pipeline_repo):
+    """train, merge and evaluate depend on the dataset files they read, not on the whole folder."""
+    code = clean_pipeline_repo / "stages/dataset.py"
+    code.write_text(code.read_text().replace("# Dataset card", "# Dataset card (edited)"))
+    ran = repro(clean_pipeline_repo)
+    assert ran == {"dataset"}, ran.log
+    assert "(edited)" in (clean_pipeline_repo / "data/dataset/dataset_card.md").read_text()

@@ -4,7 +4,6 @@ import copy
 import hashlib
 import json
 import math
-import re
 import shutil
 import sys
 from pathlib import Path
@@ -19,7 +18,7 @@ from conftest import PROJECT
 from tuneline.artifacts import TensorWriter, atomic_dir, atomic_file, parse_size
 from tuneline.errors import TunelineError
 from tuneline.params import (
-    DatasetParams, MergeParams, TrainParams, load_section, read_params_file, validate_section,
+    MergeParams, TrainParams, load_section, read_params_file, validate_section,
 )
 
 # ------------------------------------------------------------------------------------------------ helpers
@@ -54,16 +53,6 @@ def safetensors_keys(model_dir: Path) -> set[str]:
 @pytest.fixture(scope="module")
 def real_params() -> dict:
     return yaml.safe_load((PROJECT / "params.yaml").read_text())
-
-
-@pytest.fixture(scope="module")
-def tiny_rows(tiny_params) -> tuple[list[dict], list[dict]]:
-    """(train, eval) conversations from the sklearn table with the tiny params."""
-    from stages.dataset import build_dataset, read_table
-
-    dataset_params = DatasetParams(**tiny_params["dataset"])
-    table, _ = read_table(dataset_params.source)
-    return build_dataset(table=table, params=dataset_params)
 
 
 # ------------------------------------------------------------------------------------------------- params
@@ -233,18 +222,20 @@ class TestConvert:
 
         out = tmp_path / "base"
         out.mkdir()
-        fmt = convert(src_dir=tiny_model_dir, out_dir=out, dtype="float32", max_shard_size=2 * 10**9, write_pth=False)
+        fmt = convert(src_dir=tiny_model_dir, out_dir=out, tokenizer_dir=tmp_path / "tokenizer", dtype="float32", max_shard_size=2 * 10**9, write_pth=False)
         assert fmt == "huggingface"
         assert (out / "model.safetensors").exists() and not (out / "model.safetensors.index.json").exists()
         assert not (out / "model.pth").exists()
         assert json.loads((out / "config.json").read_text())["dtype"] == "float32"
         ids = token_ids_for(tiny_model_dir)
         torch.testing.assert_close(model_logits(out, ids), model_logits(tiny_model_dir, ids), rtol=0, atol=1e-6)
-        # the tokenizer and its chat template come along
+        # the tokenizer and its chat template go to their own directory (the dataset stage depends on it
+        # alone), not beside the weights
         from transformers import AutoTokenizer
 
+        assert not (out / "tokenizer.json").exists() and not (out / "tokenizer_config.json").exists()
         messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "benign"}]
-        assert AutoTokenizer.from_pretrained(out).apply_chat_template(messages, tokenize=False) == (
+        assert AutoTokenizer.from_pretrained(tmp_path / "tokenizer").apply_chat_template(messages, tokenize=False) == (
             AutoTokenizer.from_pretrained(tiny_model_dir).apply_chat_template(messages, tokenize=False)
         )
 
@@ -253,7 +244,7 @@ class TestConvert:
 
         out = tmp_path / "base"
         out.mkdir()
-        convert(src_dir=tiny_model_dir, out_dir=out, dtype="float32", max_shard_size=60_000, write_pth=True)
+        convert(src_dir=tiny_model_dir, out_dir=out, tokenizer_dir=tmp_path / "tokenizer", dtype="float32", max_shard_size=60_000, write_pth=True)
         shards = sorted(out.glob("model-*-of-*.safetensors"))
         assert len(shards) > 2
         assert not (out / "model.safetensors").exists()
@@ -274,7 +265,7 @@ class TestConvert:
 
         out = tmp_path / "base"
         out.mkdir()
-        convert(src_dir=tiny_model_dir, out_dir=out, dtype="bfloat16", max_shard_size=2 * 10**9, write_pth=False)
+        convert(src_dir=tiny_model_dir, out_dir=out, tokenizer_dir=tmp_path / "tokenizer", dtype="bfloat16", max_shard_size=2 * 10**9, write_pth=False)
         tensors = load_file(out / "model.safetensors")
         assert {t.dtype for t in tensors.values()} == {torch.bfloat16}
         assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
@@ -285,7 +276,7 @@ class TestConvert:
         src = tmp_path / "empty"
         src.mkdir()
         with pytest.raises(TunelineError) as error:
-            convert(src_dir=src, out_dir=tmp_path / "out", dtype="float32", max_shard_size=10**9, write_pth=False)
+            convert(src_dir=src, out_dir=tmp_path / "out", tokenizer_dir=tmp_path / "tokenizer", dtype="float32", max_shard_size=10**9, write_pth=False)
         assert str(src) in str(error.value) and "found: nothing" in str(error.value)
 
     def test_config_without_weights_is_a_clear_error(self, tmp_path, tiny_model_dir):
@@ -295,7 +286,7 @@ class TestConvert:
         shutil.copytree(tiny_model_dir, src)
         (src / "model.safetensors").unlink()
         with pytest.raises(TunelineError, match=r"config\.json but no \*\.safetensors"):
-            convert(src_dir=src, out_dir=tmp_path / "out", dtype="float32", max_shard_size=10**9, write_pth=False)
+            convert(src_dir=src, out_dir=tmp_path / "out", tokenizer_dir=tmp_path / "tokenizer", dtype="float32", max_shard_size=10**9, write_pth=False)
 
     @pytest.fixture
     def meta_checkpoint(self, tmp_path, tiny_model_dir) -> Path:
@@ -363,7 +354,7 @@ class TestConvert:
         out = tmp_path / "base"
         out.mkdir()
         with pytest.raises(TunelineError, match="tokenizer.model"):
-            convert(src_dir=meta_checkpoint, out_dir=out, dtype="float32", max_shard_size=10**9, write_pth=False)
+            convert(src_dir=meta_checkpoint, out_dir=out, tokenizer_dir=tmp_path / "tokenizer", dtype="float32", max_shard_size=10**9, write_pth=False)
 
 
 # -------------------------------------------------------------------------------------------- artifacts
@@ -465,114 +456,11 @@ class TestArtifacts:
             parse_size("two gigs", "convert.max_shard_size")
 
 
-# ------------------------------------------------------------------------------------------------ dataset
-
-
-@pytest.fixture(scope="module")
-def table():
-    from stages.dataset import read_table
-
-    table, inputs = read_table("sklearn:breast_cancer")
-    assert all(path.is_file() for path in inputs.values())
-    return table
-
-
-class TestDataset:
-    def test_counts_and_stratified_balance(self, table, real_params):
-        from stages.dataset import build_dataset
-
-        params = DatasetParams(**real_params["dataset"])
-        train, evaluation = build_dataset(table=table, params=params)
-        rarest = int(table[params.label_column].value_counts().min())  # 212 malignant
-        total = 2 * rarest
-        assert len(train) + len(evaluation) == total
-        assert len(evaluation) == math.ceil(total * params.eval_fraction)
-        labels = sorted(params.label_names.values())
-        for split in (train, evaluation):
-            counts = [sum(e["label"] == label for e in split) for label in labels]
-            assert max(counts) - min(counts) <= 1, counts
-        assert sum(e["label"] == "malignant" for e in train + evaluation) == rarest
-
-    def test_example_rendering(self, table, real_params):
-        from stages.dataset import build_dataset
-
-        params = DatasetParams(**real_params["dataset"])
-        train, _ = build_dataset(table=table, params=params)
-        example = train[0]
-        roles = [m["role"] for m in example["messages"]]
-        assert roles == ["system", "user", "assistant"]
-        assert example["messages"][0]["content"] == params.system_prompt
-        assert example["messages"][2]["content"] == example["label"] in params.label_names.values()
-        user = example["messages"][1]["content"]
-        number = r"\d+" + (rf"\.\d{{{params.decimals}}}" if params.decimals else "") + r"(?!\d)(?!\.\d)"
-        for feature in params.features:
-            assert re.search(rf"{re.escape(feature)} {number}", user), user
-        assert list(example["features"]) == params.features
-
-    def test_deterministic_and_seeded(self, table, real_params):
-        from stages.dataset import build_dataset
-
-        params = DatasetParams(**real_params["dataset"])
-        assert build_dataset(table=table, params=params) == build_dataset(table=table, params=params)
-        reseeded = DatasetParams(**{**real_params["dataset"], "seed": params.seed + 1})
-        assert build_dataset(table=table, params=reseeded)[1] != build_dataset(table=table, params=params)[1]
-
-    def test_no_balance_keeps_every_row(self, table, real_params):
-        from stages.dataset import build_dataset
-
-        params = DatasetParams(**{**real_params["dataset"], "balance": False})
-        train, evaluation = build_dataset(table=table, params=params)
-        assert len(train) + len(evaluation) == len(table)
-
-    def test_unknown_feature_column(self, table, real_params):
-        from stages.dataset import build_dataset
-
-        params = DatasetParams(**{**real_params["dataset"], "features": ["worst radius", "tumour colour"]})
-        with pytest.raises(TunelineError) as error:
-            build_dataset(table=table, params=params)
-        assert "tumour colour" in str(error.value) and "dataset.features" in str(error.value)
-
-    @pytest.mark.parametrize(
-        "change, expected",
-        [
-            ({"label_column": "diagnosis"}, "dataset.label_column: 'diagnosis'"),
-            ({"label_names": {"0": "malignant"}}, "dataset.label_names: no answer for label value(s) 1"),
-            ({"user_template": "Is it malignant?"}, "dataset.user_template: must contain {measurements}"),
-        ],
-    )
-    def test_other_bad_params(self, table, real_params, change, expected):
-        from stages.dataset import build_dataset
-
-        params = DatasetParams(**{**real_params["dataset"], **change})
-        with pytest.raises(TunelineError) as error:
-            build_dataset(table=table, params=params)
-        assert expected in str(error.value)
-
-    def test_csv_source_with_float_labels(self, tmp_path, real_params):
-        from stages.dataset import build_dataset, read_table
-
-        csv = tmp_path / "table.csv"
-        rows = ["size,weight,label"] + [f"{i}.123,{i * 2}.5,{float(i % 2)}" for i in range(40)]
-        csv.write_text("\n".join(rows) + "\n")
-        params = DatasetParams(**{
-            **real_params["dataset"], "source": str(csv), "label_column": "label",
-            "label_names": {"0": "even", "1": "odd"}, "features": ["size", "weight"], "decimals": 1,
-        })
-        table, inputs = read_table(params.source)
-        assert inputs == {str(csv): csv}
-        train, evaluation = build_dataset(table=table, params=params)
-        assert len(train) + len(evaluation) == 40
-        assert {e["label"] for e in evaluation} == {"even", "odd"}
-        assert "size 3.1, weight 6.5" in " ".join(e["messages"][1]["content"] for e in train + evaluation)
-        with pytest.raises(TunelineError, match="does not exist"):
-            read_table(str(tmp_path / "missing.csv"))
-
-
 # -------------------------------------------------------------------------------------------------- train
 
 
 @pytest.fixture(scope="module")
-def trained_adapter(tmp_path_factory, tiny_model_dir, tiny_params, tiny_rows) -> tuple[Path, dict, Path]:
+def trained_adapter(tmp_path_factory, tiny_model_dir, tiny_params, tiny_dataset_dir) -> tuple[Path, dict, Path]:
     """train() for 3 steps on the tiny model: (adapter dir, returned metrics, DVCLive dir)."""
     from dvclive import Live
 
@@ -583,7 +471,7 @@ def trained_adapter(tmp_path_factory, tiny_model_dir, tiny_params, tiny_rows) ->
     adapter_dir = root / "adapter"
     live_dir = root / "live"
     with Live(dir=str(live_dir), dvcyaml=None, save_dvc_exp=False) as live:
-        metrics = train(base_dir=tiny_model_dir, train_rows=tiny_rows[0][:48], params=params, adapter_dir=adapter_dir, live=live)
+        metrics = train(base_dir=tiny_model_dir, dataset_dir=tiny_dataset_dir, params=params, adapter_dir=adapter_dir, live=live)
     return adapter_dir, metrics, live_dir
 
 
@@ -646,7 +534,7 @@ class TestTrain:
             QuantSpec.load(tmp_path)
 
     @staticmethod
-    def run_train(tmp_path: Path, tiny_model_dir: Path, train_params: dict, rows: list[dict]) -> Path:
+    def run_train(tmp_path: Path, tiny_model_dir: Path, train_params: dict, dataset_dir: Path) -> Path:
         """train() into tmp_path/models/adapter; returns tmp_path/models (the adapter's parent)."""
         from dvclive import Live
 
@@ -656,17 +544,17 @@ class TestTrain:
         root = tmp_path / "models"
         root.mkdir(exist_ok=True)
         with Live(dir=str(tmp_path / "live"), dvcyaml=None, save_dvc_exp=False) as live:
-            train(base_dir=tiny_model_dir, train_rows=rows[:4], params=params, adapter_dir=root / "adapter", live=live)
+            train(base_dir=tiny_model_dir, dataset_dir=dataset_dir, params=params, adapter_dir=root / "adapter", live=live)
         return root
 
     @pytest.mark.parametrize("key, value", [("optim", "adamw_typo"), ("lr_scheduler", "cosinus")])
-    def test_unknown_trainer_choice_is_a_tuneline_error(self, tmp_path, tiny_model_dir, tiny_params, tiny_rows, key, value):
+    def test_unknown_trainer_choice_is_a_tuneline_error(self, tmp_path, tiny_model_dir, tiny_params, tiny_dataset_dir, key, value):
         with pytest.raises(TunelineError) as error:
-            self.run_train(tmp_path, tiny_model_dir, {**tiny_params["train"], key: value}, tiny_rows[0])
+            self.run_train(tmp_path, tiny_model_dir, {**tiny_params["train"], key: value}, tiny_dataset_dir)
         assert f"train.{key}" in str(error.value) and value in str(error.value)
         assert list((tmp_path / "models").iterdir()) == []
 
-    def test_failure_during_training_leaves_no_scratch_dir(self, tmp_path, tiny_model_dir, tiny_params, tiny_rows,
+    def test_failure_during_training_leaves_no_scratch_dir(self, tmp_path, tiny_model_dir, tiny_params, tiny_dataset_dir,
                                                            monkeypatch):
         import stages.train
 
@@ -675,11 +563,11 @@ class TestTrain:
 
         monkeypatch.setattr(stages.train.SFTTrainer, "train", crash)
         with pytest.raises(RuntimeError, match="killed mid-training"):
-            self.run_train(tmp_path, tiny_model_dir, tiny_params["train"], tiny_rows[0])
+            self.run_train(tmp_path, tiny_model_dir, tiny_params["train"], tiny_dataset_dir)
         assert list((tmp_path / "models").iterdir()) == []
 
     def test_failure_building_the_trainer_leaves_no_scratch_dir(self, tmp_path, tiny_model_dir, tiny_params,
-                                                                tiny_rows, monkeypatch):
+                                                                tiny_dataset_dir, monkeypatch):
         import stages.train
 
         def crash(*args, **kwargs):
@@ -687,7 +575,7 @@ class TestTrain:
 
         monkeypatch.setattr(stages.train, "SFTTrainer", crash)
         with pytest.raises(RuntimeError, match="could not build the trainer"):
-            self.run_train(tmp_path, tiny_model_dir, tiny_params["train"], tiny_rows[0])
+            self.run_train(tmp_path, tiny_model_dir, tiny_params["train"], tiny_dataset_dir)
         assert list((tmp_path / "models").iterdir()) == []
 
 
@@ -695,13 +583,13 @@ class TestTrain:
 
 
 @pytest.fixture(scope="module")
-def merged(tmp_path_factory, tiny_model_dir, perturbed_adapter, tiny_rows) -> tuple[Path, dict]:
+def merged(tmp_path_factory, tiny_model_dir, perturbed_adapter, tiny_dataset_dir) -> tuple[Path, dict]:
     from stages.merge import merge
 
     out = tmp_path_factory.mktemp("merge") / "merged"
     out.mkdir()
     params = MergeParams(dtype="float32", max_shard_size="2GB", num_prompts=4)
-    metrics = merge(base_dir=tiny_model_dir, adapter_dir=perturbed_adapter, eval_rows=tiny_rows[1],
+    metrics = merge(base_dir=tiny_model_dir, adapter_dir=perturbed_adapter, dataset_dir=tiny_dataset_dir,
                     params=params, out_dir=out)
     return out, metrics
 
@@ -748,71 +636,73 @@ class TestMerge:
 
 
 @pytest.fixture(scope="module")
-def model_and_tokenizer(tiny_model_dir):
-    from tuneline.modeling import load_full_model, load_tokenizer
+def tiny_model(tiny_model_dir):
+    from tuneline.modeling import load_full_model
 
-    return load_full_model(tiny_model_dir).eval(), load_tokenizer(tiny_model_dir)
+    return load_full_model(tiny_model_dir).eval()
+
 
 @pytest.fixture(scope="module")
-def pairs(model_and_tokenizer, tiny_rows):
-    """(prompt, completion) pairs of clearly different lengths and answers of 1+ tokens."""
-    from tuneline.modeling import split_prompt_completion
+def eval_rows(tiny_dataset_dir):
+    from tuneline.modeling import read_split
 
-    _, tokenizer = model_and_tokenizer
-    pairs = []
-    for index, row in enumerate(tiny_rows[1][:5]):
-        messages = copy.deepcopy(row["messages"])
-        messages[1]["content"] = messages[1]["content"][: 20 + 25 * index]
-        for answer in ("malignant", "benign", "benign, surely"):
-            messages[2]["content"] = answer
-            pairs.append(split_prompt_completion(tokenizer, messages))
-    return pairs
+    return read_split(tiny_dataset_dir / "eval.parquet")
+
+
+def direct_logprob(model, ids: list[int], start: int, end: int) -> float:
+    """The plain definition: sum over tokens start..end-1 of log p(token | everything before), one row alone."""
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([ids])).logits[0].float()
+    log_probs = torch.log_softmax(logits, -1)
+    return sum(log_probs[t - 1, ids[t]].item() for t in range(start, end))
 
 
 class TestEvaluate:
-    def test_left_padded_batch_equals_rows_alone_and_direct_computation(self, model_and_tokenizer, pairs):
-        from stages.evaluate import answer_logprobs
-        from tuneline.modeling import encode_pair
+    PAD = 0  # the tiny tokenizer's <|endoftext|>
 
-        model, tokenizer = model_and_tokenizer
-        batched = answer_logprobs(model, tokenizer, pairs, batch_size=len(pairs), desc="batched")
-        alone = answer_logprobs(model, tokenizer, pairs, batch_size=1, desc="alone")
-        assert len({len(encode_pair(tokenizer, *pair)[0]) for pair in pairs}) > 3  # really different lengths
-        for (lp_batched, n_batched), (lp_alone, n_alone) in zip(batched, alone):
-            assert n_batched == n_alone
+    def test_left_padded_batch_equals_rows_alone_and_direct_computation(self, tiny_model, eval_rows):
+        from stages.evaluate import completion_logprobs
+
+        pairs = [
+            (list(row.input_ids[: row.prompt_length - cut]), list(ids))
+            for cut, row in zip((0, 7, 15), eval_rows[eval_rows["label"].notna()].itertuples())
+            for ids in row.choice_ids
+        ]
+        assert len({len(prompt) for prompt, _ in pairs}) == 3  # really different lengths
+        batched = completion_logprobs(tiny_model, self.PAD, pairs, batch_size=len(pairs), desc="batched")
+        alone = completion_logprobs(tiny_model, self.PAD, pairs, batch_size=1, desc="alone")
+        for (prompt, completion), lp_batched, lp_alone in zip(pairs, batched, alone):
             assert lp_batched == pytest.approx(lp_alone, abs=1e-4)
-        # and both equal the plain definition: sum over completion tokens of log p(token | everything before)
-        for (prompt, completion), (log_prob, count) in zip(pairs, alone):
-            ids, prompt_length = encode_pair(tokenizer, prompt, completion)
-            with torch.no_grad():
-                logits = model(input_ids=torch.tensor([ids])).logits[0].float()
-            log_probs = torch.log_softmax(logits, -1)
-            expected = sum(log_probs[t - 1, ids[t]].item() for t in range(prompt_length, len(ids)))
-            assert count == len(ids) - prompt_length
-            assert log_prob == pytest.approx(expected, abs=1e-4)
+            ids = prompt + completion
+            assert lp_alone == pytest.approx(direct_logprob(tiny_model, ids, len(prompt), len(ids)), abs=1e-4)
 
-    def test_score_model(self, model_and_tokenizer, tiny_rows):
-        from stages.evaluate import answer_logprobs, score_model
-        from tuneline.modeling import split_prompt_completion
+    def test_answer_loss_is_the_mean_over_trained_tokens(self, tiny_model, eval_rows):
+        from stages.evaluate import answer_loss
 
-        model, tokenizer = model_and_tokenizer
-        rows = tiny_rows[1][:6]
-        labels = ["benign", "malignant"]
-        result = score_model(model, tokenizer, rows, labels, batch_size=4, desc="score")
-        assert 0.0 <= result["accuracy"] <= 1.0
-        assert len(result["predictions"]) == len(rows) and set(result["predictions"]) <= set(labels)
-        truth_pairs = [split_prompt_completion(tokenizer, row["messages"]) for row in rows]
-        scored = answer_logprobs(model, tokenizer, truth_pairs, batch_size=1, desc="truth")
-        expected_loss = -sum(lp for lp, _ in scored) / sum(n for _, n in scored)
-        assert result["eval_loss"] == pytest.approx(expected_loss, rel=1e-4)
-        accuracy = sum(p == row["label"] for p, row in zip(result["predictions"], rows)) / len(rows)
-        assert result["accuracy"] == pytest.approx(accuracy)
+        rows = eval_rows.iloc[:5]
+        total = tokens = 0
+        for row in rows.itertuples():
+            trained = [t for t, label in enumerate(row.labels) if label != -100]
+            total -= sum(direct_logprob(tiny_model, list(row.input_ids), t, t + 1) for t in trained)
+            tokens += len(trained)
+        assert answer_loss(tiny_model, self.PAD, rows, batch_size=3, desc="loss") == pytest.approx(total / tokens, rel=1e-4)
 
-    def test_logistic_regression_baseline(self, real_params):
-        from stages.dataset import build_dataset, read_table
+    def test_classify_picks_the_most_likely_choice(self, tiny_model, eval_rows):
+        from stages.evaluate import classify
+
+        rows = eval_rows[eval_rows["label"].notna()].iloc[:6]
+        predicted = classify(tiny_model, self.PAD, rows, batch_size=4, desc="classify")
+        assert len(predicted) == len(rows)
+        for row, prediction in zip(rows.itertuples(), predicted):
+            prompt = list(row.input_ids[: row.prompt_length])
+            scores = {choice: direct_logprob(tiny_model, prompt + list(ids), len(prompt), len(prompt) + len(ids))
+                      for choice, ids in zip(row.choices, row.choice_ids)}
+            assert prediction == max(scores, key=scores.get)
+
+    def test_logistic_regression_baseline(self, tiny_dataset_dir, eval_rows):
         from stages.evaluate import logistic_regression_accuracy
+        from tuneline.modeling import read_split
 
-        params = DatasetParams(**real_params["dataset"])
-        train, evaluation = build_dataset(table=read_table(params.source)[0], params=params)
-        accuracy = logistic_regression_accuracy(train, evaluation)
-        assert 0.85 <= accuracy <= 1.0
+        train = read_split(tiny_dataset_dir / "train.parquet")
+        accuracy = logistic_regression_accuracy(train[train["features"].notna()], eval_rows[eval_rows["features"].notna()])
+        assert 0.8 <= accuracy <= 1.0
