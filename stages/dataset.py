@@ -42,12 +42,13 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from tuneline.artifacts import atomic_dir, sha256_file, write_json
 from tuneline.errors import TunelineError, exit_on_error
-from tuneline.params import DatasetParams, Source, TabularSource, load_section
+from tuneline.params import DatasetParams, McqSource, Source, TabularSource, load_section
 
 TABLE_SUFFIXES = (".csv", ".parquet")
 ROW_SUFFIXES = (".jsonl", ".json", *TABLE_SUFFIXES)
 BAD_ROWS_LISTED = 10
 MCQ_KEYS = ("A", "B", "C", "D")
+KINDS = {"tabular": "label", "mcq": "mcq"}  # source format -> evaluation kind; any other format: free_text
 ALPACA_PREAMBLE = (
     "Below is an instruction that describes a task. Write a response that appropriately completes the request."
 )
@@ -81,8 +82,9 @@ class BadRow(Exception):
 class Example:
     source: int  # index in dataset.sources
     ref: str  # where the row came from: "data/sources/chat.jsonl:12"
+    kind: str  # what evaluation measures: label (classification), mcq (question generation), free_text
     messages: list[dict]  # {role, content}; an alpaca user turn may also carry "input"
-    label: str | None = None  # the class, for rows that have one (tabular, mcq)
+    label: str | None = None  # the class, for rows that have one (tabular)
     choices: dict[str, str] = field(default_factory=dict)  # label -> the answer text for it
     features: dict | None = None  # tabular rows: the numbers, for the logistic-regression baseline
     trailing_turns: int = 0  # unanswered user turns dropped from the end
@@ -341,8 +343,9 @@ def prompt_completion_messages(row: dict, source: Source) -> list[dict]:
     ]
 
 
-def mcq_example(row: dict, source: Source) -> tuple[list[dict], str, dict[str, str]]:
-    """Question, four options and the correct key, rendered "Question / A. / B. / C. / D." -> "Answer: X"."""
+def mcq_messages(row: dict, source: McqSource) -> list[dict]:
+    """Multiple-choice question generation: the user asks for a question (on the context, if any); the
+    answer is the question itself, rendered "Question: … / A. … / B. … / C. … / D. … / Answer: X"."""
     question = text_of(column(row, source, "question"), "question")
     options = column(row, source, "choices", required=False)
     if options is None:
@@ -356,11 +359,9 @@ def mcq_example(row: dict, source: Source) -> tuple[list[dict], str, dict[str, s
     if key not in MCQ_KEYS:
         raise BadRow(f"answer {answer!r} is not one of {', '.join(MCQ_KEYS)} (or 0-3)")
     context = column(row, source, "context", required=False)
-    lines = [f"{context}\n"] if context else []
-    lines.append(f"Question: {question}")
-    lines += [f"{letter}. {option}" for letter, option in zip(MCQ_KEYS, options)]
-    messages = [{"role": "user", "content": "\n".join(lines)}, {"role": "assistant", "content": f"Answer: {key}"}]
-    return messages, key, {letter: f"Answer: {letter}" for letter in MCQ_KEYS}
+    request = f"{source.instruction}\n\n{context}" if context else source.instruction
+    lines = [f"Question: {question}", *(f"{letter}. {option}" for letter, option in zip(MCQ_KEYS, options))]
+    return [{"role": "user", "content": request}, {"role": "assistant", "content": "\n".join([*lines, f"Answer: {key}"])}]
 
 
 def label_key(value: object) -> str:
@@ -411,21 +412,21 @@ def row_to_example(index: int, source: Source, row: Row, system_prompt: str) -> 
     label, choices, features = None, {}, None
     if source.format == "tabular":
         messages, label, choices, features = tabular_example(row.fields, source)
-    elif source.format == "mcq":
-        messages, label, choices = mcq_example(row.fields, source)
     else:
         readers: dict[str, Callable[[dict, Source], list[dict]]] = {
             "alpaca": alpaca_messages,
             "messages": chat_messages,
             "oasst": oasst_messages,
             "prompt_completion": prompt_completion_messages,
+            "mcq": mcq_messages,
         }
         messages = readers[source.format](row.fields, source)
     messages, trailing = check_turn_order(messages)
     system = source.system_prompt if source.system_prompt is not None else system_prompt
     if messages[0]["role"] != "system" and system:
         messages = [{"role": "system", "content": system}, *messages]
-    return Example(index, row.ref, messages, label or None, choices, features, trailing)
+    kind = KINDS.get(source.format, "free_text")
+    return Example(index, row.ref, kind, messages, label or None, choices, features, trailing)
 
 
 def check_turn_order(messages: list[dict]) -> tuple[list[dict], int]:
@@ -959,6 +960,8 @@ def split_table(examples: list[Encoded]) -> pd.DataFrame:
             "labels": [e.labels for e in examples],
             "prompt_length": [e.prompt_length for e in examples],
             "source": [e.example.source for e in examples],
+        "kind": [e.example.kind for e in examples],
+        "reference": [e.example.messages[-1]["content"] for e in examples],  # the answer the loss covers last
             "ref": [e.example.ref for e in examples],
             "label": [e.example.label for e in examples],
             "choices": [list(e.choice_ids) for e in examples],
@@ -1011,6 +1014,7 @@ def make_card(built: Built, params: DatasetParams, tokenizer, tokenizer_dir: Pat
             "max_length": params.max_length,
         },
         "trained_tokens": {"total": sum(trained), "mean": round(float(np.mean(trained)), 1)},
+        "kinds": dict(sorted(Counter(e.example.kind for e in built.train + built.evaluation).items())),
         "label_balance": {
             "train": dict(sorted(Counter(e.example.label for e in built.train if e.example.label).items())),
             "eval": dict(sorted(Counter(e.example.label for e in built.evaluation if e.example.label).items())),

@@ -33,7 +33,7 @@ from stages.dataset import (
     write_outputs,
 )
 from tuneline.errors import TunelineError
-from tuneline.params import DatasetParams, validate_section
+from tuneline.params import DatasetParams, McqSource, validate_section
 
 # -------------------------------------------------------------------------------------- the fixtures' data
 
@@ -81,6 +81,8 @@ MCQ_PARQUET_ROWS = [
     {"question": "which is a fruit", "choices": ["stone", "chair", "apple", "cloud"], "answer": 2},
     {"question": "which is a colour", "choices": ["stone", "chair", "blue", "cloud"], "answer": 2},
 ]
+MCQ_INSTRUCTION = McqSource.model_fields["instruction"].default
+VIEW_MCQ_INSTRUCTION = "Write a multiple - choice question with four options ( A - D ) and the answer key ."
 TABULAR_SOURCE = {
     "format": "tabular", "label_column": "target", "label_names": {"0": "malignant", "1": "benign"},
     "features": ["radius", "texture"], "decimals": 1,
@@ -102,7 +104,7 @@ NFC_WORDS = ["caf\u00e9"]  # what normalisation makes of "cafe\u0301"
 # Words the templates and renderers write around the data.
 TEMPLATE_TEXTS = [
     ALPACA_PREAMBLE, "### Instruction: ### Input: ### Response:", "system user assistant",
-    "Question: Answer: A. B. C. D.", TABULAR_SOURCE["user_template"], *TABULAR_SOURCE["label_names"].values(),
+    "Question: Answer: A. B. C. D.", MCQ_INSTRUCTION, TABULAR_SOURCE["user_template"], *TABULAR_SOURCE["label_names"].values(),
     "radius 1.0, texture 2.0",
 ]
 OTHER_TEXTS = ["default helper", "say default"]  # a system prompt, and words of rows some tests generate ("say 3")
@@ -263,7 +265,7 @@ def by_ref(built: Built, data_dir: Path) -> dict[str, Encoded]:
 def encode_messages(template: str, messages: list[dict], tokenizer, train_on: str = "all_turns") -> Encoded:
     """Render, tokenize and check one conversation, as the stage does for every example."""
     rendered = TEMPLATES[template](messages, tokenizer)
-    encoded = encode(Example(0, "conversation", messages), rendered, tokenizer, train_on)
+    encoded = encode(Example(0, "conversation", "free_text", messages), rendered, tokenizer, train_on)
     check_encoded(encoded, rendered, tokenizer, end_token_ids(tokenizer), template)
     return encoded
 
@@ -341,28 +343,25 @@ class TestFormats:
         write_rows(data_dir / "mcq.csv", MCQ_CSV_ROWS)
         built = build(data_dir, tokenizer, [{"path": "mcq.csv", "format": "mcq", "columns": {"question": "stem"}}])
         first = by_ref(built, data_dir)["mcq.csv: row 1"]
+        # question generation: the user asks (about the context), the answer is the whole question
         assert first.example.messages == [
-            {"role": "user", "content": "it is cold\n\nQuestion: what falls from clouds\nA. snow\nB. sand\nC. salt\nD. sun"},
-            {"role": "assistant", "content": "Answer: A"}]
-        assert first.example.label == "A"
+            {"role": "user", "content": f"{MCQ_INSTRUCTION}\n\nit is cold"},
+            {"role": "assistant", "content": "Question: what falls from clouds\nA. snow\nB. sand\nC. salt\nD. sun\nAnswer: A"}]
+        assert (first.example.kind, first.example.label) == ("mcq", None)
         assert view(first, tokenizer) == (
-            "<s> [INST] it is cold ↵ ↵ Question : what falls from clouds ↵ A . snow ↵ B . sand ↵ C . salt ↵ D . sun "
-            "[/INST] ⟦Answer : A </s>⟧")
-        assert by_ref(built, data_dir)["mcq.csv: row 3"].example.messages[0]["content"].startswith("Question: what is hot\n")
-        assert sorted(e.example.label for e in built.evaluation) == ["A", "B"]  # stratified: one of each
-        for encoded in built.evaluation:  # each option's answer tokens, for scoring it
-            assert {key: tokenizer.convert_ids_to_tokens(ids) for key, ids in encoded.choice_ids.items()} == {
-                key: ["Answer", ":", key, "</s>"] for key in "ABCD"}
-        assert all(encoded.choice_ids == {} for encoded in built.train)
+            f"<s> [INST] {VIEW_MCQ_INSTRUCTION} ↵ ↵ it is cold [/INST] ⟦Question : what falls from clouds ↵ A . snow ↵ "
+            "B . sand ↵ C . salt ↵ D . sun ↵ Answer : A </s>⟧")
+        assert by_ref(built, data_dir)["mcq.csv: row 3"].example.messages[0]["content"] == MCQ_INSTRUCTION  # no context
+        assert all(encoded.choice_ids == {} for encoded in built.train + built.evaluation)
 
     def test_mcq_parquet_with_a_choices_list_and_an_integer_answer(self, data_dir, tokenizer):
         write_rows(data_dir / "mcq.parquet", MCQ_PARQUET_ROWS)
         built = build(data_dir, tokenizer, [{"path": "mcq.parquet", "format": "mcq"}])
         first = by_ref(built, data_dir)["mcq.parquet: row 1"]
-        assert first.example.label == "C"
+        assert first.example.messages[-1]["content"].endswith("\nC. apple\nD. cloud\nAnswer: C")
         assert view(first, tokenizer) == (
-            "<s> [INST] Question : which is a fruit ↵ A . stone ↵ B . chair ↵ C . apple ↵ D . cloud "
-            "[/INST] ⟦Answer : C </s>⟧")
+            f"<s> [INST] {VIEW_MCQ_INSTRUCTION} [/INST] ⟦Question : which is a fruit ↵ A . stone ↵ B . chair ↵ "
+            "C . apple ↵ D . cloud ↵ Answer : C </s>⟧")
 
     def test_tabular_csv_with_label_names_and_decimals(self, data_dir, tokenizer):
         rows = [{"radius": 12.34, "texture": 5, "target": 0}, {"radius": 8.26, "texture": 7.5, "target": 1},
@@ -576,7 +575,7 @@ class TestCleaning:
 
     @pytest.mark.parametrize("groups, size, fraction", [(10, 3, 0.5), (4, 2, 0.25)])
     def test_split_size_follows_eval_fraction_with_many_small_groups(self, groups, size, fraction):
-        examples = [Encoded(Example(0, f"row {n}", [], label=str(n % groups)), "", [], [], 0) for n in range(groups * size)]
+        examples = [Encoded(Example(0, f"row {n}", "label", [], label=str(n % groups)), "", [], [], 0) for n in range(groups * size)]
         _, evaluation = stratified_split(examples, fraction, seed=0)
         assert abs(len(evaluation) - len(examples) * fraction) <= 1
 
@@ -731,7 +730,7 @@ class TestBadInputNotYetHandled:
         rows = [{"question": f"what is {n}", "A": "one", "B": "two", "C": "three", "D": "None", "answer": "D"} for n in range(2)]
         write_rows(data_dir / "mcq.csv", rows)
         examples = by_ref(build(data_dir, tokenizer, [{"path": "mcq.csv", "format": "mcq"}]), data_dir)
-        assert examples["mcq.csv: row 1"].example.messages[0]["content"].endswith("\nD. None")
+        assert examples["mcq.csv: row 1"].example.messages[-1]["content"].endswith("\nD. None\nAnswer: D")
 
 
 # ------------------------------------------------------------------------------------------------- outputs
@@ -744,8 +743,9 @@ class TestOutputs:
         write_rows(data_dir / "alpaca.json", ALPACA_ITEMS)
         write_rows(data_dir / "chat.jsonl", OPENAI_CHATS + chats([[("say yes", "yes")]]))
         write_rows(data_dir / "mcq.csv", MCQ_CSV_ROWS)
+        write_rows(data_dir / "cells.csv", tabular_rows([0, 0, 1, 1]))
         sources = [{"path": "alpaca.json", "format": "alpaca"}, {"path": "chat.jsonl", "format": "messages"},
-                   {"path": "mcq.csv", "format": "mcq", "columns": {"question": "stem"}}]
+                   {"path": "mcq.csv", "format": "mcq", "columns": {"question": "stem"}}, {"path": "cells.csv", **TABULAR_SOURCE}]
         params = dataset_params(sources)
         built = build_dataset(params=params, data_dir=data_dir, tokenizer=tokenizer, tokenizer_dir=tmp_path / "tokenizer")
         tokenizer.save_pretrained(tmp_path / "tokenizer")
@@ -767,8 +767,12 @@ class TestOutputs:
                 assert list(row.choices) == list(encoded.choice_ids)
                 assert [list(ids) for ids in row.choice_ids] == list(encoded.choice_ids.values())
                 assert encoded.labels[row.prompt_length] != -100 and encoded.labels[row.prompt_length - 1] == -100
-        mcq = pd.read_parquet(out / "eval.parquet").dropna(subset=["label"])
-        assert sorted(mcq.label) == ["A", "B"] and [list(choices) for choices in mcq.choices] == [list("ABCD")] * 2
+        evaluation = pd.read_parquet(out / "eval.parquet")
+        labelled = evaluation.dropna(subset=["label"])
+        assert sorted(labelled.label) == ["benign", "malignant"]  # stratified: one of each
+        assert [list(choices) for choices in labelled.choices] == [["malignant", "benign"]] * 2
+        assert set(evaluation.kind) == {"free_text", "mcq", "label"}
+        assert list(evaluation.reference) == [e.example.messages[-1]["content"] for e in built.evaluation]
 
     def test_readable_text_and_tokenizer(self, written, tokenizer):
         built, _, out, _ = written
@@ -784,15 +788,16 @@ class TestOutputs:
         built, card, out, sources = written
         assert card == json.loads((out / "dataset_card.json").read_text())
         assert list(card["steps"]) == list(STEPS)
-        assert card["steps"]["read"] == 3 + 3 + 4
-        assert card["steps_per_source"]["read"] == {"0:alpaca.json": 3, "1:chat.jsonl": 3, "2:mcq.csv": 4}
+        assert card["steps"]["read"] == 3 + 3 + 4 + 4
+        assert card["steps_per_source"]["read"] == {"0:alpaca.json": 3, "1:chat.jsonl": 3, "2:mcq.csv": 4, "3:cells.csv": 4}
+        assert card["kinds"] == {"free_text": 6, "label": 4, "mcq": 4}
         assert card["sha256"]["inputs"] == {str(data_dir / s["path"]): hashlib.sha256((data_dir / s["path"]).read_bytes()).hexdigest()
                                             for s in sources}
         assert card["sha256"]["outputs"] == {name: hashlib.sha256((out / name).read_bytes()).hexdigest()
                                              for name in ("train.parquet", "eval.parquet", "train.jsonl", "eval.jsonl")}
         lengths = [len(e.input_ids) for e in built.train + built.evaluation]
         assert (card["token_length"]["min"], card["token_length"]["max"]) == (min(lengths), max(lengths))
-        assert card["label_balance"] == {"train": {"A": 1, "B": 1}, "eval": {"A": 1, "B": 1}}
+        assert card["label_balance"] == {"train": {"benign": 1, "malignant": 1}, "eval": {"benign": 1, "malignant": 1}}
         assert card["template"] == {"name": "llama2", "train_on": "all_turns", "system_prompt": "", "chat_template_sha256": None}
         assert card["tokenizer"]["sha256"] == {path.name: hashlib.sha256(path.read_bytes()).hexdigest()
                                                for path in (tmp_path / "tokenizer").iterdir()}

@@ -62,7 +62,11 @@ class PromptCompletionSource(Source):
 
 
 class McqSource(Source):
-    format: Literal["mcq"]  # question, A, B, C, D (or choices: a list of four), answer (A-D or 0-3), context
+    """Multiple-choice question generation: question, A, B, C, D (or choices: a list of four), answer (A-D or
+    0-3), context (optional). The user turn is `instruction` (+ the context); the answer is the question."""
+
+    format: Literal["mcq"]
+    instruction: str = "Write a multiple-choice question with four options (A-D) and the answer key."
 
 
 class TabularSource(Source):
