@@ -961,6 +961,7 @@ def split_table(examples: list[Encoded]) -> pd.DataFrame:
             "prompt_length": [e.prompt_length for e in examples],
             "source": [e.example.source for e in examples],
         "kind": [e.example.kind for e in examples],
+        "question": [e.example.messages[-2]["content"] for e in examples],  # the last user turn, to read
         "reference": [e.example.messages[-1]["content"] for e in examples],  # the answer the loss covers last
             "ref": [e.example.ref for e in examples],
             "label": [e.example.label for e in examples],

@@ -1,15 +1,30 @@
-"""Evaluate: answer loss and accuracy of the base, QLoRA and merged models on the eval split.
+"""Evaluate: is the tuned model better than the base, and does the merged model behave like the tuned one?
 
-    python -m stages.evaluate BASE_DIR ADAPTER_DIR MERGED_DIR DATASET_DIR METRICS_FILE PREDICTIONS_FILE CONFUSION_FILE
+    python -m stages.evaluate BASE_DIR ADAPTER_DIR MERGED_DIR DATASET_DIR MERGE_METRICS METRICS_FILE EVAL_DIR
 
-Works on the dataset stage's tokenized eval split, so every model sees exactly the tokens training saw.
-The eval loss is the mean negative log-likelihood per trained (answer) token. Rows with a label (tabular,
-multiple choice) are also classified by the log-likelihood of each possible answer after the prompt (no
-free generation): the most likely one is the prediction. Where rows have numeric features, a logistic
-regression fitted on the same train split is the baseline a data scientist would try first.
+Every figure is computed for the base, QLoRA (4-bit base + adapter) and merged models, on the dataset
+stage's tokenized eval split, so every model sees exactly the tokens training saw. What is measured
+follows each example's kind (set by the dataset stage from its source's format; `evaluate.kind` overrides):
+
+    label      accuracy and macro-F1 of the most likely label (each label scored by its log-likelihood as
+               the answer), a confusion matrix, and a logistic regression on the same features as baseline
+    mcq        generated questions: the rate that parse into a question, four distinct options and one
+               answer key (format validity), and how often that key is the reference's
+    free_text  exact match and ROUGE-L of the generated answer against the reference, and the reference
+               answers' mean loss (nats per token) and perplexity
+
+plus `eval_loss` over every example. Every eval prompt is answered by all three models with the decoding
+of `evaluate.generation` (greedy, beam or sampling; batched with left padding; stopped at the template's
+end-of-turn): EVAL_DIR/generations.jsonl and generations.html put them side by side. The merged model's
+figures must match the QLoRA model's within what metrics/merge.json predicts (KL, top-1 agreement);
+`merged_matches_qlora` says whether they do, and a mismatch is printed as a warning. With
+`evaluate.lm_eval.tasks`, lm-evaluation-harness runs on the merged model (the `lm-eval` extra).
 """
 
+import html
 import json
+import math
+import re
 import sys
 from pathlib import Path
 
@@ -18,14 +33,27 @@ import pandas as pd
 import torch
 from peft import PeftModel
 from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import f1_score
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 from tqdm import tqdm
 
-from tuneline.artifacts import atomic_file, write_json
-from tuneline.errors import exit_on_error
+from tuneline.artifacts import atomic_dir, read_json, write_json
+from tuneline.errors import TunelineError, exit_on_error
 from tuneline.modeling import QuantSpec, load_full_model, load_quantized_model, load_tokenizer, pad_batch, read_split
-from tuneline.params import EvaluateParams, load_section
+from tuneline.params import EvaluateParams, GenerationParams, LmEvalParams, load_section
+
+MODELS = ("base", "qlora", "merged")
+END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>")
+MCQ_PATTERN = re.compile(
+    r"Question:\s*(?P<question>\S.*?)\s*\n"
+    r"\s*A\.\s*(?P<A>\S.*?)\s*\n\s*B\.\s*(?P<B>\S.*?)\s*\n\s*C\.\s*(?P<C>\S.*?)\s*\n\s*D\.\s*(?P<D>\S.*?)\s*\n"
+    r"\s*Answer:\s*(?P<key>[ABCD])\s*",
+    re.DOTALL,
+)
+
+
+# ----------------------------------------------------------------------------------------- likelihoods
 
 
 @torch.no_grad()
@@ -54,7 +82,7 @@ def completion_logprobs(
 
 @torch.no_grad()
 def answer_loss(model, pad_id: int, rows: pd.DataFrame, batch_size: int, desc: str) -> float:
-    """Mean negative log-likelihood per trained token (labels != -100), over every eval example."""
+    """Mean negative log-likelihood per trained token (labels != -100) of the rows' reference answers."""
     total, tokens = 0.0, 0
     for start in tqdm(range(0, len(rows), batch_size), desc=desc, unit="batch"):
         batch = rows.iloc[start : start + batch_size]
@@ -85,6 +113,106 @@ def classify(model, pad_id: int, rows: pd.DataFrame, batch_size: int, desc: str)
     return [best[number][1] for number in range(len(rows))]
 
 
+# ------------------------------------------------------------------------------------------ generation
+
+
+def decoding_options(params: GenerationParams) -> dict:
+    """model.generate keyword arguments for the chosen decoding; the others' knobs are left out."""
+    options = {"max_new_tokens": params.max_new_tokens, "repetition_penalty": params.repetition_penalty}
+    if params.mode == "beam":
+        return options | {"do_sample": False, "num_beams": params.num_beams}
+    if params.mode == "sample":
+        return options | {"do_sample": True, "temperature": params.temperature, "top_k": params.top_k, "top_p": params.top_p}
+    return options | {"do_sample": False, "num_beams": 1}
+
+
+@torch.no_grad()
+def generate(
+    model, tokenizer, prompts: list[list[int]], params: GenerationParams, batch_size: int, desc: str
+) -> list[str]:
+    """Answer every prompt (token ids), batched and left-padded; stop at EOS or the end-of-turn token."""
+    vocab = tokenizer.get_vocab()
+    end_ids = sorted({tokenizer.eos_token_id} | {vocab[token] for token in END_OF_TURN_TOKENS if token in vocab})
+    options = decoding_options(params)
+    torch.manual_seed(params.seed)  # sampling draws the same tokens on every rerun
+    answers = []
+    for start in tqdm(range(0, len(prompts), batch_size), desc=desc, unit="batch"):
+        inputs = pad_batch(prompts[start : start + batch_size], tokenizer.pad_token_id, side="left")
+        output = model.generate(
+            input_ids=inputs["input_ids"],
+            attention_mask=inputs["attention_mask"],
+            eos_token_id=end_ids,
+            pad_token_id=tokenizer.pad_token_id,
+            **options,
+        )
+        for new_tokens in output[:, inputs["input_ids"].shape[1] :].tolist():
+            ends = [position for position, token in enumerate(new_tokens) if token in end_ids]
+            answers.append(tokenizer.decode(new_tokens[: ends[0] if ends else None], skip_special_tokens=True).strip())
+    return answers
+
+
+# --------------------------------------------------------------------------------------------- metrics
+
+
+def normalise_answer(text: str) -> str:
+    return " ".join(text.casefold().split())
+
+
+def exact_match(outputs: list[str], references: list[str]) -> float:
+    """Share of outputs equal to their reference, ignoring case and spacing."""
+    return float(np.mean([normalise_answer(o) == normalise_answer(r) for o, r in zip(outputs, references)]))
+
+
+def rouge_l(output: str, reference: str) -> float:
+    """ROUGE-L F1: the longest common subsequence of words, against both lengths."""
+    candidate, target = normalise_answer(output).split(), normalise_answer(reference).split()
+    if not candidate or not target:
+        return float(candidate == target)
+    previous = [0] * (len(target) + 1)
+    for word in candidate:
+        current = [0]
+        for index, other in enumerate(target):
+            current.append(previous[index] + 1 if word == other else max(previous[index + 1], current[index]))
+        previous = current
+    common = previous[-1]
+    if common == 0:
+        return 0.0
+    precision, recall = common / len(candidate), common / len(target)
+    return 2 * precision * recall / (precision + recall)
+
+
+def parse_mcq(text: str) -> dict | None:
+    """A generated multiple-choice question, or None unless it has a question, four distinct non-empty
+    options A-D and one answer key, in the training data's layout."""
+    match = MCQ_PATTERN.fullmatch(text.strip())
+    if match is None:
+        return None
+    options = [match[key] for key in "ABCD"]
+    if len({normalise_answer(option) for option in options}) != 4:
+        return None
+    return {"question": match["question"], "options": options, "key": match["key"]}
+
+
+def mcq_scores(outputs: list[str], references: list[str]) -> dict[str, float]:
+    """Format validity (share of outputs that parse) and answer-key accuracy (share of rows whose
+    reference has a key that a valid output repeats)."""
+    parsed = [parse_mcq(output) for output in outputs]
+    keys = [(parse_mcq(reference) or {}).get("key") for reference in references]
+    keyed = [(output, key) for output, key in zip(parsed, keys) if key]
+    scores = {"mcq_format_valid": float(np.mean([output is not None for output in parsed]))}
+    if keyed:
+        scores["mcq_key_accuracy"] = float(np.mean([output is not None and output["key"] == key for output, key in keyed]))
+    return scores
+
+
+def label_scores(predicted: list[str], truth: list[str]) -> dict[str, float]:
+    labels = sorted(set(truth))
+    return {
+        "accuracy": float(np.mean(np.array(predicted) == np.array(truth))),
+        "macro_f1": float(f1_score(truth, predicted, labels=labels, average="macro", zero_division=0)),
+    }
+
+
 def feature_matrix(rows: pd.DataFrame) -> np.ndarray:
     return np.array([list(json.loads(features).values()) for features in rows["features"]])
 
@@ -96,67 +224,184 @@ def logistic_regression_accuracy(train_rows: pd.DataFrame, eval_rows: pd.DataFra
     return float(classifier.score(feature_matrix(eval_rows), eval_rows["label"]))
 
 
+def merge_tolerances(merge_metrics: dict, max_new_tokens: int) -> dict[str, float]:
+    """How far the merged model's figures may sit from the QLoRA model's, from what the merge report
+    measured: a rate (accuracy, exact match…) may move by the chance that any of an answer's tokens
+    disagrees at top-1; a loss by ten times sqrt(KL) (a Pinsker-style bound on the per-token shift)."""
+    disagree = 1.0 - merge_metrics["top1_agreement"]
+    return {"rate": min(1.0, disagree * max_new_tokens), "loss": max(1e-4, 10 * math.sqrt(max(merge_metrics["kl"], 0.0)))}
+
+
+def merged_vs_qlora(metrics: dict, tolerances: dict[str, float]) -> list[str]:
+    """The figures where the merged model differs from the QLoRA model by more than the merge predicts."""
+    problems = []
+    for name, values in metrics.items():
+        if not isinstance(values, dict) or not {"qlora", "merged"} <= set(values):
+            continue
+        qlora, merged = values["qlora"], values["merged"]
+        tolerance = tolerances["loss"] if name in ("eval_loss", "answer_loss") else tolerances["rate"]
+        if name == "perplexity":
+            tolerance = qlora * (math.exp(tolerances["loss"]) - 1)
+        if abs(merged - qlora) > tolerance + 1e-12:
+            problems.append(f"{name}: merged {merged:.6g} vs QLoRA {qlora:.6g} (allowed ±{tolerance:.3g})")
+    return problems
+
+
+# ---------------------------------------------------------------------------------------------- lm-eval
+
+
+def run_lm_eval(merged_dir: Path, params: LmEvalParams, batch_size: int) -> dict:
+    """lm-evaluation-harness on the merged model, or why it was skipped."""
+    if not params.tasks:
+        return {}
+    try:
+        import lm_eval
+    except ImportError:
+        print("evaluate: lm_eval.tasks set but lm-eval is not installed (pip install 'tuneline[lm-eval]'); skipped")
+        return {"lm_eval_skipped": "not installed"}
+    results = lm_eval.simple_evaluate(
+        model="hf", model_args=f"pretrained={merged_dir},dtype=float32", tasks=params.tasks, limit=params.limit,
+        batch_size=batch_size,
+    )["results"]
+    return {
+        f"lm_eval_{task}_{metric.split(',')[0]}": value
+        for task, figures in results.items()
+        for metric, value in figures.items()
+        if isinstance(value, int | float) and "stderr" not in metric
+    }
+
+
+# ------------------------------------------------------------------------------------------- evaluation
+
+
+def select_rows(eval_rows: pd.DataFrame, params: EvaluateParams) -> pd.DataFrame:
+    """The eval rows to score, each with the kind it is measured as."""
+    rows = eval_rows.iloc[: params.max_examples] if params.max_examples else eval_rows
+    if params.kind == "auto":
+        return rows
+    if params.kind == "label" and rows["label"].isna().any():
+        raise TunelineError(
+            f"params.yaml: evaluate.kind: label needs a label on every eval row; {int(rows['label'].isna().sum())} "
+            f"have none (only tabular sources have labels); use auto"
+        )
+    return rows.assign(kind=params.kind)
+
+
+def score_model(model, tokenizer, rows: pd.DataFrame, params: EvaluateParams, name: str) -> tuple[dict, dict]:
+    """One model's figures on the rows, and its per-row outputs: {"answers": [...], "labels": [...]}."""
+    pad_id = tokenizer.pad_token_id
+    figures = {"eval_loss": answer_loss(model, pad_id, rows, params.batch_size, f"loss {name}")}
+    prompts = [list(row.input_ids[: row.prompt_length]) for row in rows.itertuples()]
+    answers = generate(model, tokenizer, prompts, params.generation, params.batch_size, f"generate {name}")
+    outputs = {"answers": answers}
+    kinds = rows["kind"].to_numpy()
+    if (kinds == "label").any():
+        labelled = rows[kinds == "label"]
+        outputs["labels"] = classify(model, pad_id, labelled, params.batch_size, f"classify {name}")
+        figures |= label_scores(outputs["labels"], labelled["label"].tolist())
+    if (kinds == "mcq").any():
+        figures |= mcq_scores([a for a, k in zip(answers, kinds) if k == "mcq"], rows["reference"][kinds == "mcq"].tolist())
+    if (kinds == "free_text").any():
+        free = rows[kinds == "free_text"]
+        free_answers = [a for a, k in zip(answers, kinds) if k == "free_text"]
+        figures["exact_match"] = exact_match(free_answers, free["reference"].tolist())
+        figures["rouge_l"] = float(np.mean([rouge_l(a, r) for a, r in zip(free_answers, free["reference"])]))
+        figures["answer_loss"] = answer_loss(model, pad_id, free, params.batch_size, f"answer loss {name}")
+        figures["perplexity"] = math.exp(figures["answer_loss"])
+    return figures, outputs
+
+
 def evaluate(
-    *, base_dir: Path, adapter_dir: Path, merged_dir: Path, dataset_dir: Path, params: EvaluateParams
-) -> tuple[dict, list[dict]]:
-    """Score base, QLoRA and merged models on the eval split; return (metrics, per-row predictions)."""
-    eval_rows = read_split(dataset_dir / "eval.parquet")
-    if params.max_examples:
-        eval_rows = eval_rows.iloc[: params.max_examples]
-    labelled = eval_rows[eval_rows["label"].notna()]
-    pad_id = load_tokenizer(dataset_dir / "tokenizer").pad_token_id
+    *, base_dir: Path, adapter_dir: Path, merged_dir: Path, dataset_dir: Path, merge_metrics: dict, params: EvaluateParams
+) -> tuple[dict, pd.DataFrame, dict[str, dict]]:
+    """Score base, QLoRA and merged models; return (metrics, the rows scored, each model's outputs)."""
+    rows = select_rows(read_split(dataset_dir / "eval.parquet"), params)
+    tokenizer = load_tokenizer(dataset_dir / "tokenizer")
     # One model in memory at a time: each is loaded, scored and dropped.
     loaders = {
         "base": lambda: load_full_model(base_dir),
-        "qlora": lambda: PeftModel.from_pretrained(
-            load_quantized_model(base_dir, QuantSpec.load(adapter_dir)), adapter_dir
-        ),
+        "qlora": lambda: PeftModel.from_pretrained(load_quantized_model(base_dir, QuantSpec.load(adapter_dir)), adapter_dir),
         "merged": lambda: load_full_model(merged_dir),
     }
-    metrics: dict = {"eval_loss": {}, "examples": len(eval_rows)}
-    predictions: dict[str, list[str]] = {}
+    per_model, outputs = {}, {}
     for name, load in loaders.items():
-        model = load().eval()
-        metrics["eval_loss"][name] = answer_loss(model, pad_id, eval_rows, params.batch_size, f"loss {name}")
-        if len(labelled):
-            predictions[name] = classify(model, pad_id, labelled, params.batch_size, f"classify {name}")
-    if len(labelled):
-        truth = np.array(labelled["label"])
-        metrics["accuracy"] = {
-            name: float(np.mean(np.array(predicted) == truth)) for name, predicted in predictions.items()
-        }
-        metrics["labelled_examples"] = len(labelled)
+        per_model[name], outputs[name] = score_model(load().eval(), tokenizer, rows, params, name)
+    metrics: dict = {"examples": dict(sorted(rows["kind"].value_counts().items()))}
+    for figure in per_model["base"]:
+        metrics[figure] = {name: per_model[name][figure] for name in MODELS}
+    labelled = rows[rows["kind"] == "label"]
+    if len(labelled) and labelled["features"].notna().all():
         train_rows = read_split(dataset_dir / "train.parquet")
-        with_features = train_rows[train_rows["features"].notna()]
-        if len(with_features) and labelled["features"].notna().all():
-            metrics["accuracy"]["logistic_regression"] = logistic_regression_accuracy(with_features, labelled)
-    rows = [
-        {"ref": row.ref, "label": row.label} | {name: predicted[number] for name, predicted in predictions.items()}
+        metrics["accuracy"]["logistic_regression"] = logistic_regression_accuracy(
+            train_rows[train_rows["features"].notna()], labelled
+        )
+    problems = merged_vs_qlora(metrics, merge_tolerances(merge_metrics, params.generation.max_new_tokens))
+    metrics["merged_matches_qlora"] = not problems
+    for problem in problems:
+        print(f"WARNING: the merged model does not behave like the QLoRA model: {problem}", file=sys.stderr)
+    metrics |= run_lm_eval(merged_dir, params.lm_eval, params.batch_size)
+    return metrics, rows, outputs
+
+
+# ---------------------------------------------------------------------------------------------- outputs
+
+
+def generation_table(rows: pd.DataFrame, outputs: dict[str, dict]) -> list[dict]:
+    return [
+        {"ref": row.ref, "kind": row.kind, "question": row.question, "reference": row.reference}
+        | {name: outputs[name]["answers"][number] for name in MODELS}
+        for number, row in enumerate(rows.itertuples())
+    ]
+
+
+def generation_html(table: list[dict]) -> str:
+    """The generations side by side, one row per eval example, for a person to read."""
+    columns = ["ref", "kind", "question", "reference", *MODELS]
+    head = "".join(f"<th>{column}</th>" for column in columns)
+    body = "\n".join(
+        "<tr>" + "".join(f"<td><pre>{html.escape(str(row[column]))}</pre></td>" for column in columns) + "</tr>"
+        for row in table
+    )
+    style = "td,th{border:1px solid #ccc;vertical-align:top;padding:4px}pre{white-space:pre-wrap;margin:0}"
+    return (
+        f"<!doctype html><meta charset='utf-8'><title>tuneline generations</title><style>{style}</style>"
+        f"<table style='border-collapse:collapse'><tr>{head}</tr>\n{body}</table>\n"
+    )
+
+
+def write_eval_dir(out: Path, rows: pd.DataFrame, outputs: dict[str, dict]) -> None:
+    table = generation_table(rows, outputs)
+    (out / "generations.jsonl").write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in table))
+    (out / "generations.html").write_text(generation_html(table))
+    labelled = rows[rows["kind"] == "label"]
+    predictions = [
+        {"ref": row.ref, "label": row.label} | {name: outputs[name]["labels"][number] for name in MODELS}
         for number, row in enumerate(labelled.itertuples())
     ]
-    return metrics, rows
+    (out / "predictions.jsonl").write_text("".join(json.dumps(row) + "\n" for row in predictions))
+    write_json(out / "confusion.json", [{"actual": row["label"], "predicted": row["merged"]} for row in predictions])
 
 
 @exit_on_error
 def main() -> None:
     if len(sys.argv) != 8:
         sys.exit(
-            "usage: python -m stages.evaluate BASE_DIR ADAPTER_DIR MERGED_DIR DATASET_DIR "
-            "METRICS_FILE PREDICTIONS_FILE CONFUSION_FILE"
+            "usage: python -m stages.evaluate BASE_DIR ADAPTER_DIR MERGED_DIR DATASET_DIR MERGE_METRICS "
+            "METRICS_FILE EVAL_DIR"
         )
     params: EvaluateParams = load_section("evaluate")
-    base_dir, adapter_dir, merged_dir, dataset_dir, metrics_file, predictions_file, confusion_file = map(
-        Path, sys.argv[1:]
+    base_dir, adapter_dir, merged_dir, dataset_dir, merge_file, metrics_file, eval_dir = map(Path, sys.argv[1:])
+    metrics, rows, outputs = evaluate(
+        base_dir=base_dir, adapter_dir=adapter_dir, merged_dir=merged_dir, dataset_dir=dataset_dir,
+        merge_metrics=read_json(merge_file), params=params,
     )
-    metrics, predictions = evaluate(
-        base_dir=base_dir, adapter_dir=adapter_dir, merged_dir=merged_dir, dataset_dir=dataset_dir, params=params
-    )
-    with atomic_file(predictions_file) as tmp:
-        tmp.write_text("".join(json.dumps(row) + "\n" for row in predictions))
-    write_json(confusion_file, [{"actual": row["label"], "predicted": row["merged"]} for row in predictions])
-    write_json(metrics_file, metrics)
-    figures, kind = (metrics["accuracy"], "accuracy") if "accuracy" in metrics else (metrics["eval_loss"], "eval loss")
-    print(f"evaluate: {kind} " + ", ".join(f"{name} {value:.3f}" for name, value in figures.items()))
+    with atomic_dir(eval_dir) as tmp:
+        write_eval_dir(tmp, rows, outputs)
+        write_json(metrics_file, metrics)
+    shown = [name for name in ("accuracy", "mcq_format_valid", "rouge_l", "eval_loss") if name in metrics][:2]
+    print("evaluate: " + "; ".join(
+        f"{name} " + ", ".join(f"{model} {value:.3f}" for model, value in metrics[name].items()) for name in shown
+    ) + f"; merged matches QLoRA: {metrics['merged_matches_qlora']}")
 
 
 if __name__ == "__main__":

@@ -47,7 +47,9 @@ def test_full_repro_runs_all_six_stages(pipeline_repo, reproduced_pipeline):
     assert set(evaluation["accuracy"]) >= {"base", "qlora", "merged", "logistic_regression"}
     assert set(evaluation["eval_loss"]) >= {"base", "merged"}
     assert all(0.0 <= value <= 1.0 for value in evaluation["accuracy"].values())
-    assert evaluation["examples"] == 8  # evaluate.max_examples
+    assert set(evaluation["examples"]) == {"label", "free_text"}  # the sklearn table and the alpaca file
+    assert set(evaluation["rouge_l"]) >= {"base", "qlora", "merged"}
+    assert evaluation["merged_matches_qlora"] is True
     merge = json.loads((pipeline_repo / "metrics/merge.json").read_text())
     assert set(merge) >= MERGE_KEYS
     assert merge["kl"] <= 1e-3 and merge["top1_agreement"] >= 0.999
@@ -59,7 +61,8 @@ def test_full_repro_runs_all_six_stages(pipeline_repo, reproduced_pipeline):
     assert card["sha256"]["inputs"]["data/sources/tiny.jsonl"] == sha256(pipeline_repo / "data/sources/tiny.jsonl")
     for path in ("models/fetched/tuneline_manifest.json", "models/base/config.json",
                  "models/adapter/adapter_model.safetensors", "models/merged/config.json",
-                 "eval/predictions.jsonl", "eval/confusion.json", "dvclive/train/plots/metrics/loss.tsv"):
+                 "eval/predictions.jsonl", "eval/confusion.json", "eval/generations.jsonl", "eval/generations.html",
+                 "dvclive/train/plots/metrics/loss.tsv"):
         assert (pipeline_repo / path).is_file(), path
     assert leftovers(pipeline_repo) == []
 
@@ -216,3 +219,30 @@ def test_dataset_card_change_alone_retrains_nothing(clean_pipeline_repo):
     ran = repro(clean_pipeline_repo)
     assert ran == {"dataset"}, ran.log
     assert "(edited)" in (clean_pipeline_repo / "data/dataset/dataset_card.md").read_text()
+
+
+# ------------------------------------------------------------------------------------ comparing runs
+
+
+def test_dvc_exp_run_with_another_lora_rank_is_listed_beside_the_baseline(clean_pipeline_repo):
+    import csv
+    import io
+
+    repo = clean_pipeline_repo
+    result = dvc(repo, "exp", "run", "-S", "train.lora_r=4", "-S", "train.lora_alpha=8", "-n", "rank-4")
+    assert result.returncode == 0, describe(result)
+    assert ran_stages(result) == {"train", "merge", "evaluate"}, describe(result)
+    try:
+        shown = dvc(repo, "exp", "show", "--csv", "--no-pager")
+        assert shown.returncode == 0, describe(shown)
+        table = list(csv.DictReader(io.StringIO(shown.stdout)))
+        ranks = {row["train.lora_r"]: row for row in table if row["train.lora_r"]}
+        assert {"4", "16"} <= set(ranks), shown.stdout
+        for rank in ("4", "16"):
+            assert float(ranks[rank]["accuracy.merged"]) >= 0.0, shown.stdout
+            assert ranks[rank]["kl"], shown.stdout
+        assert ranks["4"]["Experiment"] == "rank-4"
+        diff = dvc(repo, "metrics", "diff", "--json")
+        assert diff.returncode == 0, describe(diff)
+    finally:
+        dvc(repo, "exp", "remove", "--all")

@@ -125,9 +125,28 @@ class MergeParams(Section):
     num_prompts: int = Field(gt=0)  # held-out prompts for the fidelity figures (KL, top-1)
 
 
+class GenerationParams(Section):
+    mode: Literal["greedy", "beam", "sample"]
+    max_new_tokens: int = Field(gt=0)
+    num_beams: int = Field(ge=1)  # beam
+    temperature: float = Field(gt=0)  # sample
+    top_k: int = Field(ge=0)  # sample; 0 = no top-k
+    top_p: float = Field(gt=0, le=1)  # sample
+    repetition_penalty: float = Field(gt=0)  # 1.0 = none
+    seed: int
+
+
+class LmEvalParams(Section):
+    tasks: list[str]  # lm-evaluation-harness task names, run on the merged model; [] = none
+    limit: int = Field(gt=0)  # examples per task
+
+
 class EvaluateParams(Section):
     batch_size: int = Field(gt=0)
     max_examples: int = Field(ge=0)  # 0 = the whole eval split
+    kind: Literal["auto", "label", "mcq", "free_text"]  # auto: each example's kind, as the dataset stage set it
+    generation: GenerationParams
+    lm_eval: LmEvalParams
 
 
 SECTIONS: dict[str, type[Section]] = {
