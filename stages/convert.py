@@ -45,7 +45,9 @@ META_TO_HF = {
 META_CONCAT_DIM1 = ("tok_embeddings", "attention.wo", "feed_forward.w2")
 
 
-def convert(*, src_dir: Path, out_dir: Path, tokenizer_dir: Path, dtype: str, max_shard_size: int, write_pth: bool) -> str:
+def convert(
+    *, src_dir: Path, out_dir: Path, tokenizer_dir: Path, dtype: str, max_shard_size: int, write_pth: bool
+) -> str:
     """Convert the checkpoint in `src_dir` into Hugging Face weights at `out_dir` and its tokenizer at
     `tokenizer_dir`; return the source format."""
     gguf_files = sorted(src_dir.glob("*.gguf"))
@@ -146,7 +148,9 @@ def read_meta(src_dir: Path, shards: list[Path]) -> tuple[PretrainedConfig, obje
         # vocab_file= constructor ignores the file and builds an empty tokenizer without a word.
         tokenizer = LlamaTokenizer.from_pretrained(src_dir)
     except (ValueError, OSError) as error:
-        raise TunelineError(f"convert: {src_dir / 'tokenizer.model'} is not a readable SentencePiece model: {error}") from None
+        raise TunelineError(
+            f"convert: {src_dir / 'tokenizer.model'} is not a readable SentencePiece model: {error}"
+        ) from None
     return config, tokenizer, iter_meta_tensors(state, n_heads, n_kv_heads)
 
 

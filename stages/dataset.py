@@ -361,7 +361,10 @@ def mcq_messages(row: dict, source: McqSource) -> list[dict]:
     context = column(row, source, "context", required=False)
     request = f"{source.instruction}\n\n{context}" if context else source.instruction
     lines = [f"Question: {question}", *(f"{letter}. {option}" for letter, option in zip(MCQ_KEYS, options))]
-    return [{"role": "user", "content": request}, {"role": "assistant", "content": "\n".join([*lines, f"Answer: {key}"])}]
+    return [
+        {"role": "user", "content": request},
+        {"role": "assistant", "content": "\n".join([*lines, f"Answer: {key}"])},
+    ]
 
 
 def label_key(value: object) -> str:
@@ -662,7 +665,10 @@ def choose_pad_token(tokenizer: PreTrainedTokenizerBase) -> str | None:
         "<|end_header_id|>",
         "<|begin_of_text|>",
     }
-    specials = [*tokenizer.all_special_tokens, *(t.content for t in tokenizer.added_tokens_decoder.values() if t.special)]
+    specials = [
+        *tokenizer.all_special_tokens,
+        *(t.content for t in tokenizer.added_tokens_decoder.values() if t.special),
+    ]
     # A token meant for padding first, then unk, then reserved tokens, then any other spare special.
     ranked = sorted(specials, key=lambda t: ("pad" not in t.lower(), t != tokenizer.unk_token, "reserved" not in t))
     candidates = [token for token in ranked if token and token not in used]
@@ -960,9 +966,9 @@ def split_table(examples: list[Encoded]) -> pd.DataFrame:
             "labels": [e.labels for e in examples],
             "prompt_length": [e.prompt_length for e in examples],
             "source": [e.example.source for e in examples],
-        "kind": [e.example.kind for e in examples],
-        "question": [e.example.messages[-2]["content"] for e in examples],  # the last user turn, to read
-        "reference": [e.example.messages[-1]["content"] for e in examples],  # the answer the loss covers last
+            "kind": [e.example.kind for e in examples],
+            "question": [e.example.messages[-2]["content"] for e in examples],  # the last user turn, to read
+            "reference": [e.example.messages[-1]["content"] for e in examples],  # the answer the loss covers last
             "ref": [e.example.ref for e in examples],
             "label": [e.example.label for e in examples],
             "choices": [list(e.choice_ids) for e in examples],

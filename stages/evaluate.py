@@ -122,7 +122,12 @@ def decoding_options(params: GenerationParams) -> dict:
     if params.mode == "beam":
         return options | {"do_sample": False, "num_beams": params.num_beams}
     if params.mode == "sample":
-        return options | {"do_sample": True, "temperature": params.temperature, "top_k": params.top_k, "top_p": params.top_p}
+        return options | {
+            "do_sample": True,
+            "temperature": params.temperature,
+            "top_k": params.top_k,
+            "top_p": params.top_p,
+        }
     return options | {"do_sample": False, "num_beams": 1}
 
 
@@ -201,7 +206,9 @@ def mcq_scores(outputs: list[str], references: list[str]) -> dict[str, float]:
     keyed = [(output, key) for output, key in zip(parsed, keys) if key]
     scores = {"mcq_format_valid": float(np.mean([output is not None for output in parsed]))}
     if keyed:
-        scores["mcq_key_accuracy"] = float(np.mean([output is not None and output["key"] == key for output, key in keyed]))
+        scores["mcq_key_accuracy"] = float(
+            np.mean([output is not None and output["key"] == key for output, key in keyed])
+        )
     return scores
 
 
@@ -229,7 +236,10 @@ def merge_tolerances(merge_metrics: dict, max_new_tokens: int) -> dict[str, floa
     measured: a rate (accuracy, exact match…) may move by the chance that any of an answer's tokens
     disagrees at top-1; a loss by ten times sqrt(KL) (a Pinsker-style bound on the per-token shift)."""
     disagree = 1.0 - merge_metrics["top1_agreement"]
-    return {"rate": min(1.0, disagree * max_new_tokens), "loss": max(1e-4, 10 * math.sqrt(max(merge_metrics["kl"], 0.0)))}
+    return {
+        "rate": min(1.0, disagree * max_new_tokens),
+        "loss": max(1e-4, 10 * math.sqrt(max(merge_metrics["kl"], 0.0))),
+    }
 
 
 def merged_vs_qlora(metrics: dict, tolerances: dict[str, float]) -> list[str]:
@@ -260,7 +270,10 @@ def run_lm_eval(merged_dir: Path, params: LmEvalParams, batch_size: int) -> dict
         print("evaluate: lm_eval.tasks set but lm-eval is not installed (pip install 'tuneline[lm-eval]'); skipped")
         return {"lm_eval_skipped": "not installed"}
     results = lm_eval.simple_evaluate(
-        model="hf", model_args=f"pretrained={merged_dir},dtype=float32", tasks=params.tasks, limit=params.limit,
+        model="hf",
+        model_args=f"pretrained={merged_dir},dtype=float32",
+        tasks=params.tasks,
+        limit=params.limit,
         batch_size=batch_size,
     )["results"]
     return {
@@ -300,7 +313,9 @@ def score_model(model, tokenizer, rows: pd.DataFrame, params: EvaluateParams, na
         outputs["labels"] = classify(model, pad_id, labelled, params.batch_size, f"classify {name}")
         figures |= label_scores(outputs["labels"], labelled["label"].tolist())
     if (kinds == "mcq").any():
-        figures |= mcq_scores([a for a, k in zip(answers, kinds) if k == "mcq"], rows["reference"][kinds == "mcq"].tolist())
+        figures |= mcq_scores(
+            [a for a, k in zip(answers, kinds) if k == "mcq"], rows["reference"][kinds == "mcq"].tolist()
+        )
     if (kinds == "free_text").any():
         free = rows[kinds == "free_text"]
         free_answers = [a for a, k in zip(answers, kinds) if k == "free_text"]
@@ -312,7 +327,13 @@ def score_model(model, tokenizer, rows: pd.DataFrame, params: EvaluateParams, na
 
 
 def evaluate(
-    *, base_dir: Path, adapter_dir: Path, merged_dir: Path, dataset_dir: Path, merge_metrics: dict, params: EvaluateParams
+    *,
+    base_dir: Path,
+    adapter_dir: Path,
+    merged_dir: Path,
+    dataset_dir: Path,
+    merge_metrics: dict,
+    params: EvaluateParams,
 ) -> tuple[dict, pd.DataFrame, dict[str, dict]]:
     """Score base, QLoRA and merged models; return (metrics, the rows scored, each model's outputs)."""
     rows = select_rows(read_split(dataset_dir / "eval.parquet"), params)
@@ -320,7 +341,9 @@ def evaluate(
     # One model in memory at a time: each is loaded, scored and dropped.
     loaders = {
         "base": lambda: load_full_model(base_dir),
-        "qlora": lambda: PeftModel.from_pretrained(load_quantized_model(base_dir, QuantSpec.load(adapter_dir)), adapter_dir),
+        "qlora": lambda: PeftModel.from_pretrained(
+            load_quantized_model(base_dir, QuantSpec.load(adapter_dir)), adapter_dir
+        ),
         "merged": lambda: load_full_model(merged_dir),
     }
     per_model, outputs = {}, {}
@@ -392,16 +415,24 @@ def main() -> None:
     params: EvaluateParams = load_section("evaluate")
     base_dir, adapter_dir, merged_dir, dataset_dir, merge_file, metrics_file, eval_dir = map(Path, sys.argv[1:])
     metrics, rows, outputs = evaluate(
-        base_dir=base_dir, adapter_dir=adapter_dir, merged_dir=merged_dir, dataset_dir=dataset_dir,
-        merge_metrics=read_json(merge_file), params=params,
+        base_dir=base_dir,
+        adapter_dir=adapter_dir,
+        merged_dir=merged_dir,
+        dataset_dir=dataset_dir,
+        merge_metrics=read_json(merge_file),
+        params=params,
     )
     with atomic_dir(eval_dir) as tmp:
         write_eval_dir(tmp, rows, outputs)
         write_json(metrics_file, metrics)
     shown = [name for name in ("accuracy", "mcq_format_valid", "rouge_l", "eval_loss") if name in metrics][:2]
-    print("evaluate: " + "; ".join(
-        f"{name} " + ", ".join(f"{model} {value:.3f}" for model, value in metrics[name].items()) for name in shown
-    ) + f"; merged matches QLoRA: {metrics['merged_matches_qlora']}")
+    print(
+        "evaluate: "
+        + "; ".join(
+            f"{name} " + ", ".join(f"{model} {value:.3f}" for model, value in metrics[name].items()) for name in shown
+        )
+        + f"; merged matches QLoRA: {metrics['merged_matches_qlora']}"
+    )
 
 
 if __name__ == "__main__":

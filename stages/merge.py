@@ -102,7 +102,8 @@ def fidelity(reference: torch.nn.Module, candidates: dict[str, torch.nn.Module],
 
 
 def held_out_batches(tokenizer, sequences: list[list[int]], batch_size: int = 8) -> list:
-    return [pad_batch(sequences[i : i + batch_size], tokenizer.pad_token_id) for i in range(0, len(sequences), batch_size)]
+    pad_id = tokenizer.pad_token_id
+    return [pad_batch(sequences[i : i + batch_size], pad_id) for i in range(0, len(sequences), batch_size)]
 
 
 def merge(*, base_dir: Path, adapter_dir: Path, dataset_dir: Path, params: MergeParams, out_dir: Path) -> dict:
@@ -110,7 +111,8 @@ def merge(*, base_dir: Path, adapter_dir: Path, dataset_dir: Path, params: Merge
     spec = QuantSpec.load(adapter_dir)
     tokenizer = load_tokenizer(dataset_dir / "tokenizer")  # the training tokenizer, pad token included
     qlora_model = PeftModel.from_pretrained(load_quantized_model(base_dir, spec), adapter_dir).eval()
-    write_merged_model(qlora_model, tokenizer, out_dir, params.dtype, parse_size(params.max_shard_size, "merge.max_shard_size"))
+    max_shard_size = parse_size(params.max_shard_size, "merge.max_shard_size")
+    write_merged_model(qlora_model, tokenizer, out_dir, params.dtype, max_shard_size)
     candidates = {
         # What was written, loaded the plain way (no peft, no bitsandbytes), computed in fp32.
         "ours": AutoModelForCausalLM.from_pretrained(out_dir, dtype=torch.float32, device_map={"": qlora_model.device}),
@@ -145,7 +147,8 @@ def main() -> None:
         metrics = merge(base_dir=base_dir, adapter_dir=adapter_dir, dataset_dir=dataset_dir, params=params, out_dir=tmp)
         write_json(metrics_file, metrics)
     print(f"merge: KL {metrics['kl']:.2e} (top-1 {metrics['top1_agreement']:.4f}); "
-          f"into 4-bit KL {metrics['kl_merge_into_4bit']:.2e}; into original KL {metrics['kl_merge_into_original']:.2e}")
+          f"into 4-bit KL {metrics['kl_merge_into_4bit']:.2e}; "
+          f"into original KL {metrics['kl_merge_into_original']:.2e}")
 
 
 if __name__ == "__main__":

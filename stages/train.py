@@ -139,7 +139,9 @@ def train(*, base_dir: Path, dataset_dir: Path, params: TrainParams, adapter_dir
             model=model,
             args=training_config(params, Path(scratch)),
             # input_ids, attention_mask and labels as the dataset stage wrote them (labels hold the loss mask)
-            train_dataset=Dataset.from_pandas(read_split(dataset_dir / "train.parquet")[["input_ids", "attention_mask", "labels"]]),
+            train_dataset=Dataset.from_pandas(
+                read_split(dataset_dir / "train.parquet")[["input_ids", "attention_mask", "labels"]]
+            ),
             processing_class=tokenizer,
             peft_config=lora_config,
             callbacks=[LiveLossCurve(live)],
@@ -172,7 +174,9 @@ def main() -> None:
     base_dir, dataset_dir, adapter_dir, metrics_file, live_dir = map(Path, sys.argv[1:])
     with atomic_dir(adapter_dir) as adapter_tmp, atomic_dir(live_dir) as live_tmp:
         with Live(dir=str(live_tmp), dvcyaml=None, save_dvc_exp=False) as live:
-            metrics = train(base_dir=base_dir, dataset_dir=dataset_dir, params=params, adapter_dir=adapter_tmp, live=live)
+            metrics = train(
+                base_dir=base_dir, dataset_dir=dataset_dir, params=params, adapter_dir=adapter_tmp, live=live
+            )
         write_json(metrics_file, metrics)
     print(f"train: loss {metrics['first_loss']} -> {metrics['final_loss']} in {metrics['steps']} steps "
           f"({metrics['seconds_per_step']} s/step on {metrics['device']})")

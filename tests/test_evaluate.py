@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from tuneline.errors import TunelineError
-from tuneline.params import EvaluateParams, validate_section
+from tuneline.params import validate_section
 
 
 

@@ -17,7 +17,9 @@ def check(params_file: Path) -> None:
     params = read_params_file(params_file)
     unknown = sorted(set(params) - set(SECTIONS))
     if unknown:
-        raise TunelineError(f"{params_file}: unknown section(s) {', '.join(unknown)}; sections are: {', '.join(SECTIONS)}")
+        raise TunelineError(
+            f"{params_file}: unknown section(s) {', '.join(unknown)}; sections are: {', '.join(SECTIONS)}"
+        )
     for name in SECTIONS:
         validate_section(name, params.get(name), params_file)
     print(f"{params_file}: ok ({', '.join(SECTIONS)})")
