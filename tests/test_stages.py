@@ -14,7 +14,7 @@ import yaml
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from conftest import PROJECT
+from conftest import PROJECT, write_tiny_sources
 from tuneline.artifacts import TensorWriter, atomic_dir, atomic_file, parse_size
 from tuneline.errors import TunelineError
 from tuneline.params import (
@@ -65,8 +65,20 @@ class TestParams:
         check(PROJECT / "params.yaml")
         tiny_file = tmp_path / "params.yaml"
         tiny_file.write_text(yaml.safe_dump(tiny_params, sort_keys=False))
+        write_tiny_sources(tmp_path / "data" / "sources")
         check(tiny_file)
         assert capsys.readouterr().out.count(": ok (fetch, convert, dataset, train, merge, evaluate)") == 2
+
+    def test_check_names_a_dataset_source_that_matches_no_file(self, tmp_path, tiny_params):
+        from tuneline.cli import check
+
+        tiny_file = tmp_path / "params.yaml"
+        tiny_file.write_text(yaml.safe_dump(tiny_params, sort_keys=False))
+        with pytest.raises(TunelineError) as error:
+            check(tiny_file)  # data/sources/tiny.jsonl was never written
+        assert str(error.value) == (
+            f"params.yaml: dataset.sources[1].path: 'tiny.jsonl' matches no file under {tmp_path}/data/sources/"
+        )
 
     def test_unknown_key_is_named(self, tiny_params):
         train = {**tiny_params["train"], "lora_rank": 8}

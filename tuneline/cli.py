@@ -1,6 +1,7 @@
 """The `tuneline` command.
 
-    tuneline check               validate params.yaml against the schema, every section
+    tuneline check               validate params.yaml against the schema, every section, and that the
+                                 dataset's source files exist under data/sources/
     tuneline dataset preview     the first rendered examples of each dataset source, trained tokens in ⟦ ⟧
     tuneline retrain [REPO_DIR]  run the Prefect retrain flow (ephemeral Prefect unless PREFECT_API_URL is set)
 """
@@ -10,10 +11,11 @@ import sys
 from pathlib import Path
 
 from tuneline.errors import TunelineError
-from tuneline.params import PARAMS_FILE, SECTIONS, load_section, read_params_file, validate_section
+from tuneline.params import PARAMS_FILE, SECTIONS, DatasetParams, load_section, read_params_file, validate_section
 
 
 def check(params_file: Path) -> None:
+    """Every section valid, and every dataset source file present: the mistakes found before `dvc repro`."""
     params = read_params_file(params_file)
     unknown = sorted(set(params) - set(SECTIONS))
     if unknown:
@@ -22,7 +24,18 @@ def check(params_file: Path) -> None:
         )
     for name in SECTIONS:
         validate_section(name, params.get(name), params_file)
+    dataset = validate_section("dataset", params["dataset"], params_file)
+    check_dataset_files(dataset, params_file.parent / "data" / "sources")
     print(f"{params_file}: ok ({', '.join(SECTIONS)})")
+
+
+def check_dataset_files(dataset: DatasetParams, data_dir: Path) -> None:
+    """Each file source's path or glob matches files under the data folder (sklearn: and hf:// load later)."""
+    from stages.dataset import resolve_files
+
+    for index, source in enumerate(dataset.sources):
+        if not source.path.startswith(("sklearn:", "hf://")):
+            resolve_files(index, source, data_dir)
 
 
 def main(argv: list[str] | None = None) -> None:
