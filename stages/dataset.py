@@ -42,6 +42,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from tuneline.artifacts import atomic_dir, sha256_file, write_json
 from tuneline.errors import TunelineError, exit_on_error
+from tuneline.modeling import END_OF_TURN_TOKENS, end_token_ids
 from tuneline.params import DatasetParams, McqSource, Source, TabularSource, load_section
 
 TABLE_SUFFIXES = (".csv", ".parquet")
@@ -52,8 +53,6 @@ KINDS = {"tabular": "label", "mcq": "mcq"}  # source format -> evaluation kind; 
 ALPACA_PREAMBLE = (
     "Below is an instruction that describes a task. Write a response that appropriately completes the request."
 )
-# Tokens that close an assistant turn in the usual chat templates, besides the tokenizer's EOS.
-END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>")
 STEPS = (
     "read",
     "bad_rows",
@@ -643,11 +642,6 @@ def check_template_tokens(template: str, tokenizer: PreTrainedTokenizerBase, tok
                 f"which the tokenizer "
                 f"in {tokenizer_dir} does not have; choose the template the model was trained with (or 'tokenizer')"
             )
-
-
-def end_token_ids(tokenizer: PreTrainedTokenizerBase) -> set[int]:
-    vocab = tokenizer.get_vocab()
-    return {tokenizer.eos_token_id} | {vocab[token] for token in END_OF_TURN_TOKENS if token in vocab}
 
 
 def choose_pad_token(tokenizer: PreTrainedTokenizerBase) -> str | None:

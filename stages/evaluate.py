@@ -40,11 +40,12 @@ from tqdm import tqdm
 
 from tuneline.artifacts import atomic_dir, read_json, write_json
 from tuneline.errors import TunelineError, exit_on_error
-from tuneline.modeling import QuantSpec, load_full_model, load_quantized_model, load_tokenizer, pad_batch, read_split
+from tuneline.modeling import (
+    QuantSpec, end_token_ids, load_full_model, load_quantized_model, load_tokenizer, pad_batch, read_split,
+)
 from tuneline.params import EvaluateParams, GenerationParams, LmEvalParams, load_section
 
 MODELS = ("base", "qlora", "merged")
-END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>")
 MCQ_PATTERN = re.compile(
     r"Question:\s*(?P<question>\S.*?)\s*\n"
     r"\s*A\.\s*(?P<A>\S.*?)\s*\n\s*B\.\s*(?P<B>\S.*?)\s*\n\s*C\.\s*(?P<C>\S.*?)\s*\n\s*D\.\s*(?P<D>\S.*?)\s*\n"
@@ -81,9 +82,9 @@ def completion_logprobs(
 
 
 @torch.no_grad()
-def answer_loss(model, pad_id: int, rows: pd.DataFrame, batch_size: int, desc: str) -> float:
-    """Mean negative log-likelihood per trained token (labels != -100) of the rows' reference answers."""
-    total, tokens = 0.0, 0
+def answer_losses(model, pad_id: int, rows: pd.DataFrame, batch_size: int, desc: str) -> np.ndarray:
+    """Per row: the summed negative log-likelihood of its trained tokens (labels != -100), and their count."""
+    losses = []
     for start in tqdm(range(0, len(rows), batch_size), desc=desc, unit="batch"):
         batch = rows.iloc[start : start + batch_size]
         inputs = pad_batch([list(ids) for ids in batch["input_ids"]], pad_id)
@@ -92,9 +93,13 @@ def answer_loss(model, pad_id: int, rows: pd.DataFrame, batch_size: int, desc: s
         mask = targets != -100
         log_probs = torch.log_softmax(model(**inputs).logits.float()[:, :-1], -1)
         token_log_probs = log_probs.gather(-1, targets.clamp(min=0)[..., None]).squeeze(-1)
-        total -= token_log_probs[mask].sum().item()
-        tokens += int(mask.sum())
-    return total / tokens
+        losses += [(-row[row_mask].sum().item(), int(row_mask.sum())) for row, row_mask in zip(token_log_probs, mask)]
+    return np.array(losses).reshape(-1, 2)
+
+
+def mean_loss(losses: np.ndarray) -> float:
+    """Mean negative log-likelihood per token over the rows of `answer_losses`."""
+    return float(losses[:, 0].sum() / losses[:, 1].sum())
 
 
 def classify(model, pad_id: int, rows: pd.DataFrame, batch_size: int, desc: str) -> list[str]:
@@ -136,8 +141,7 @@ def generate(
     model, tokenizer, prompts: list[list[int]], params: GenerationParams, batch_size: int, desc: str
 ) -> list[str]:
     """Answer every prompt (token ids), batched and left-padded; stop at EOS or the end-of-turn token."""
-    vocab = tokenizer.get_vocab()
-    end_ids = sorted({tokenizer.eos_token_id} | {vocab[token] for token in END_OF_TURN_TOKENS if token in vocab})
+    end_ids = sorted(end_token_ids(tokenizer))
     options = decoding_options(params)
     torch.manual_seed(params.seed)  # sampling draws the same tokens on every rerun
     answers = []
@@ -303,7 +307,8 @@ def select_rows(eval_rows: pd.DataFrame, params: EvaluateParams) -> pd.DataFrame
 def score_model(model, tokenizer, rows: pd.DataFrame, params: EvaluateParams, name: str) -> tuple[dict, dict]:
     """One model's figures on the rows, and its per-row outputs: {"answers": [...], "labels": [...]}."""
     pad_id = tokenizer.pad_token_id
-    figures = {"eval_loss": answer_loss(model, pad_id, rows, params.batch_size, f"loss {name}")}
+    losses = answer_losses(model, pad_id, rows, params.batch_size, f"loss {name}")  # once, for every kind
+    figures = {"eval_loss": mean_loss(losses)}
     prompts = [list(row.input_ids[: row.prompt_length]) for row in rows.itertuples()]
     answers = generate(model, tokenizer, prompts, params.generation, params.batch_size, f"generate {name}")
     outputs = {"answers": answers}
@@ -321,7 +326,7 @@ def score_model(model, tokenizer, rows: pd.DataFrame, params: EvaluateParams, na
         free_answers = [a for a, k in zip(answers, kinds) if k == "free_text"]
         figures["exact_match"] = exact_match(free_answers, free["reference"].tolist())
         figures["rouge_l"] = float(np.mean([rouge_l(a, r) for a, r in zip(free_answers, free["reference"])]))
-        figures["answer_loss"] = answer_loss(model, pad_id, free, params.batch_size, f"answer loss {name}")
+        figures["answer_loss"] = mean_loss(losses[kinds == "free_text"])
         figures["perplexity"] = math.exp(figures["answer_loss"])
     return figures, outputs
 

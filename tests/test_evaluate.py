@@ -54,7 +54,7 @@ class TestEvaluate:
             assert lp_alone == pytest.approx(direct_logprob(tiny_model, ids, len(prompt), len(ids)), abs=1e-4)
 
     def test_answer_loss_is_the_mean_over_trained_tokens(self, tiny_model, eval_rows):
-        from stages.evaluate import answer_loss
+        from stages.evaluate import answer_losses, mean_loss
 
         rows = eval_rows.iloc[:5]
         total = tokens = 0
@@ -62,7 +62,8 @@ class TestEvaluate:
             trained = [t for t, label in enumerate(row.labels) if label != -100]
             total -= sum(direct_logprob(tiny_model, list(row.input_ids), t, t + 1) for t in trained)
             tokens += len(trained)
-        assert answer_loss(tiny_model, self.PAD, rows, batch_size=3, desc="loss") == pytest.approx(total / tokens, rel=1e-4)
+        losses = answer_losses(tiny_model, self.PAD, rows, batch_size=3, desc="loss")
+        assert mean_loss(losses) == pytest.approx(total / tokens, rel=1e-4)
 
     def test_classify_picks_the_most_likely_choice(self, tiny_model, eval_rows):
         from stages.evaluate import classify

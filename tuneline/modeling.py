@@ -51,6 +51,16 @@ class QuantSpec:
         return cls(**json.loads(path.read_text()))
 
 
+# Tokens that close an assistant turn in the usual chat templates, besides the tokenizer's EOS.
+END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>")
+
+
+def end_token_ids(tokenizer: PreTrainedTokenizerBase) -> set[int]:
+    """The ids that end an answer: EOS and whichever end-of-turn tokens the vocabulary has."""
+    vocab = tokenizer.get_vocab()
+    return {tokenizer.eos_token_id} | {vocab[token] for token in END_OF_TURN_TOKENS if token in vocab}
+
+
 def load_tokenizer(model_dir: Path) -> PreTrainedTokenizerBase:
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     tokenizer.padding_side = "right"
