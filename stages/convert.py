@@ -20,8 +20,9 @@ import torch
 from safetensors import safe_open
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaConfig, PretrainedConfig
 
-from tuneline.artifacts import TensorWriter, atomic_dir, parse_size
+from tuneline.artifacts import TensorWriter, atomic_dir, parse_size, write_json
 from tuneline.errors import TunelineError, exit_on_error
+from tuneline.lineage import BASE_SOURCE_FILE, FETCH_MANIFEST, file_hashes, source_revision
 from tuneline.modeling import DTYPES
 from tuneline.params import ConvertParams, load_section
 
@@ -81,7 +82,24 @@ def convert(
                 state_dict_for_pth[name] = tensor
     if write_pth:
         torch.save(state_dict_for_pth, out_dir / PTH_FILE)
+    write_json(out_dir / BASE_SOURCE_FILE, base_source(src_dir, source_format, dtype))
     return source_format
+
+
+def base_source(src_dir: Path, source_format: str, dtype: str) -> dict:
+    """Where these weights came from: the fetch manifest (source URI, sha256 of each file) and the conversion.
+
+    Travels with the base weights, so the lineage of every model trained on them can name their origin.
+    """
+    manifest_path = src_dir / FETCH_MANIFEST
+    if manifest_path.is_file():
+        manifest = json.loads(manifest_path.read_text())
+        source = manifest["source"]
+        files = {name: entry["sha256"] for name, entry in manifest["files"].items()}
+    else:  # converted outside the pipeline, straight from a folder
+        source, files = str(src_dir), file_hashes(src_dir)
+    return {"source": source, "revision": source_revision(source), "files": files,
+            "format": source_format, "dtype": dtype}
 
 
 def read_gguf(path: Path) -> tuple[PretrainedConfig, object, Iterator[tuple[str, torch.Tensor]]]:

@@ -14,6 +14,8 @@ assistant turns only, checks the tokens, balances labels, splits train/eval and 
     dataset_card.json, .md        counts per cleaning step and per source, token lengths, label balance,
                                   sha256 of inputs and outputs, tokenizer and template identity, examples
     token_lengths.json            the token-length histogram, for `dvc plots`
+    lineage.json                  what the models trained on this data inherit: sha256 of every input and
+                                  of the two splits, the dataset params and the cleaning counts
 
 Cleaning runs in this order, each step counted: normalise (Unicode NFC, line ends, trailing blanks) ->
 drop empty -> exact dedup -> near-dedup (a hash of the text lowercased, without punctuation or spacing) ->
@@ -42,6 +44,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from tuneline.artifacts import atomic_dir, sha256_file, write_json
 from tuneline.errors import TunelineError, exit_on_error
+from tuneline.lineage import LINEAGE_FILE
 from tuneline.modeling import END_OF_TURN_TOKENS, end_token_ids
 from tuneline.params import DatasetParams, McqSource, Source, TabularSource, load_section
 
@@ -1083,7 +1086,18 @@ def write_outputs(built: Built, params: DatasetParams, tokenizer, tokenizer_dir:
     card = make_card(built, params, tokenizer, tokenizer_dir, out)
     write_json(out / "dataset_card.json", card)
     (out / "dataset_card.md").write_text(card_markdown(card))
+    write_json(out / LINEAGE_FILE, dataset_lineage(card, params))
     return card
+
+
+def dataset_lineage(card: dict, params: DatasetParams) -> dict:
+    """The card's facts that identify the data (no examples, no display): a change here is a data change."""
+    return {
+        "inputs": card["sha256"]["inputs"],
+        "splits": {name: card["sha256"]["outputs"][name] for name in ("train.parquet", "eval.parquet")},
+        "counts": card["steps"],
+        "params": params.model_dump(mode="json"),
+    }
 
 
 # ---------------------------------------------------------------------------------------------- preview

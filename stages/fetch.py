@@ -20,10 +20,10 @@ import zipfile
 from pathlib import Path
 
 from tuneline.artifacts import atomic_dir, sha256_file, write_json
+from tuneline.lineage import FETCH_MANIFEST as MANIFEST
 from tuneline.errors import TunelineError, exit_on_error
 from tuneline.params import FetchParams, load_section
 
-MANIFEST = "tuneline_manifest.json"
 
 
 def fetch(*, source: str, expected_sha256: dict[str, str], out_dir: Path) -> dict:

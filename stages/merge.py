@@ -7,11 +7,15 @@ that exact quantization (the spec saved beside the adapter), dequantizes every q
 scale * B @ A in fp32 where an adapter exists, and casts to `merge.dtype`. The result loads with plain
 `AutoModelForCausalLM.from_pretrained`, no peft, no bitsandbytes.
 
+The merged directory carries its own lineage (lineage.json, and the same facts in every safetensors
+header) and a Hugging Face model card (README.md): base, data, params, code version, fidelity.
+
 metrics/merge.json reports KL(QLoRA model || merged model), averaged over every token position of
 held-out conversations, and top-1 agreement; and the same two figures for the two usual merges:
 peft's merge_and_unload into the 4-bit model (re-quantizes the sum) and into the original weights.
 """
 
+import json
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,6 +28,9 @@ from transformers import AutoModelForCausalLM
 
 from tuneline.artifacts import TensorWriter, atomic_dir, parse_size, write_json
 from tuneline.errors import exit_on_error
+from tuneline.lineage import (
+    ADAPTER_LINEAGE_FILE, LINEAGE_FILE, METADATA_KEY, code_version, file_hashes, tree_sha256, utc_now,
+)
 from tuneline.modeling import (
     DTYPES, QuantSpec, load_full_model, load_quantized_model, load_tokenizer, pad_batch, read_split,
 )
@@ -70,13 +77,16 @@ def merged_tensors(qlora_model: PeftModel) -> Iterator[tuple[str, torch.Tensor]]
                 yield f"{name}.{param_name}", param.detach().to(torch.float32)
 
 
-def write_merged_model(qlora_model: PeftModel, tokenizer, out_dir: Path, dtype: str, max_shard_size: int) -> None:
+def write_merged_model(
+    qlora_model: PeftModel, tokenizer, out_dir: Path, dtype: str, max_shard_size: int, lineage: dict
+) -> None:
     config = qlora_model.get_base_model().config.__class__.from_dict(qlora_model.get_base_model().config.to_dict())
     del config.quantization_config
     config.dtype = dtype
     config.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
-    with TensorWriter(out_dir, max_shard_size) as writer:
+    metadata = {"format": "pt", METADATA_KEY: json.dumps(lineage)}  # a copied shard still says where it came from
+    with TensorWriter(out_dir, max_shard_size, metadata) as writer:
         for name, tensor in merged_tensors(qlora_model):
             writer.save_tensor(name, tensor.to(DTYPES[dtype]))
 
@@ -112,7 +122,8 @@ def merge(*, base_dir: Path, adapter_dir: Path, dataset_dir: Path, params: Merge
     tokenizer = load_tokenizer(dataset_dir / "tokenizer")  # the training tokenizer, pad token included
     qlora_model = PeftModel.from_pretrained(load_quantized_model(base_dir, spec), adapter_dir).eval()
     max_shard_size = parse_size(params.max_shard_size, "merge.max_shard_size")
-    write_merged_model(qlora_model, tokenizer, out_dir, params.dtype, max_shard_size)
+    lineage = merged_lineage(adapter_dir, params)
+    write_merged_model(qlora_model, tokenizer, out_dir, params.dtype, max_shard_size, lineage)
     candidates = {
         # What was written, loaded the plain way (no peft, no bitsandbytes), computed in fp32.
         "ours": AutoModelForCausalLM.from_pretrained(out_dir, dtype=torch.float32, device_map={"": qlora_model.device}),
@@ -124,6 +135,11 @@ def merge(*, base_dir: Path, adapter_dir: Path, dataset_dir: Path, params: Merge
     sequences = [list(ids) for ids in read_split(dataset_dir / "eval.parquet")["input_ids"][: params.num_prompts]]
     batches = held_out_batches(tokenizer, sequences)
     figures = fidelity(qlora_model, {name: model.eval() for name, model in candidates.items()}, batches)
+    lineage["merge"]["fidelity"] = {"kl": figures["ours"]["kl"], "top1_agreement": figures["ours"]["top1"],
+                                    "prompts": len(sequences)}
+    lineage["files"] = file_hashes(out_dir)  # before lineage.json and README.md exist: the model's own files
+    write_json(out_dir / LINEAGE_FILE, lineage)
+    (out_dir / "README.md").write_text(model_card(lineage))
     return {
         "kl": figures["ours"]["kl"],
         "top1_agreement": figures["ours"]["top1"],
@@ -135,6 +151,87 @@ def merge(*, base_dir: Path, adapter_dir: Path, dataset_dir: Path, params: Merge
         "prompts": len(sequences),
         "positions": sum(int(inputs["attention_mask"].sum()) for inputs in batches),
     }
+
+
+def merged_lineage(adapter_dir: Path, params: MergeParams) -> dict:
+    """What produced the merged model: the adapter's lineage (base, data, train params), the adapter's own
+    sha256, how it was merged, the code version and when."""
+    adapter_lineage_file = adapter_dir / ADAPTER_LINEAGE_FILE
+    inherited = json.loads(adapter_lineage_file.read_text()) if adapter_lineage_file.is_file() else {}
+    return {
+        "produced_at": utc_now(),
+        "code": code_version(Path.cwd()),
+        "base": inherited.get("base"),
+        "dataset": inherited.get("dataset"),
+        "train": inherited.get("train"),
+        "training": inherited.get("training"),
+        "adapter": {"sha256": tree_sha256(adapter_dir)},
+        "merge": {
+            "method": "NF4 quantization rebuilt as trained, dequantized, + LoRA delta (scale * B @ A) in float32",
+            "params": params.model_dump(mode="json"),
+        },
+    }
+
+
+def model_card(lineage: dict) -> str:
+    """A Hugging Face style README.md: what the model is, what made it, how well it matches the trained one."""
+    base, dataset, train = lineage["base"] or {}, lineage["dataset"] or {}, lineage["train"] or {}
+    training, merge, code = lineage["training"] or {}, lineage["merge"], lineage["code"]
+    source = base.get("source", "unknown")
+    front_matter = "library_name: transformers\npipeline_tag: text-generation\ntags: [tuneline, qlora, merged]"
+    if source.startswith("hf://"):
+        front_matter = f"base_model: {source.removeprefix('hf://').split('@')[0]}\n{front_matter}"
+    counts = dataset.get("counts", {})
+    train_params = ", ".join(f"{key} {train[key]}" for key in CARD_TRAIN_KEYS if key in train)
+    dirty = " (with uncommitted changes)" if code["dirty"] else ""
+    return f"""---
+{front_matter}
+---
+
+# QLoRA fine-tune of {source}, merged
+
+Made by the tuneline pipeline. Loads with plain transformers, no peft or bitsandbytes:
+`AutoModelForCausalLM.from_pretrained(this_directory)`.
+
+## Base model
+`{source}` (revision `{base.get('revision')}`):
+{sha256_list(base.get('files', {}))}
+
+## Data
+{sha256_list(dataset.get('inputs', {}))}
+
+{counts.get('train', '?')} training and {counts.get('eval', '?')} held-out examples after cleaning \
+({counts.get('read', '?')} rows read); the dataset params are in lineage.json.
+
+## Training
+QLoRA: {train_params}. {training.get('steps', '?')} steps, final loss {training.get('final_loss', '?')}.
+
+## How it was merged
+{merge['method']}, cast to {merge['params']['dtype']}. The adapter was trained against the 4-bit base, so
+its delta is added to those dequantized weights, not to the original ones. Against the trained QLoRA model
+on {merge['fidelity']['prompts']} held-out examples: KL {merge['fidelity']['kl']:.2e}, top-1 agreement \
+{merge['fidelity']['top1_agreement']:.4f}.
+
+## Evaluation
+The task metrics come from the evaluate stage, after this merge: `tuneline audit <this directory>` in the
+pipeline's repository prints them (metrics/eval.json of the commit that recorded this model).
+
+## Lineage
+Produced {lineage['produced_at']} from commit `{code['commit']}`{dirty}; adapter sha256 \
+`{lineage['adapter']['sha256']}`. Files:
+{sha256_list(lineage['files'])}
+
+## Intended use
+Research and evaluation on the task its training data describe. It inherits the base model's licence,
+limitations and biases; check its evaluation before relying on it.
+"""
+
+
+def sha256_list(hashes: dict[str, str]) -> str:
+    return "\n".join(f"- `{name}` sha256 `{digest}`" for name, digest in hashes.items()) or "- (not recorded)"
+
+
+CARD_TRAIN_KEYS = ("quant_type", "lora_r", "lora_alpha", "target_modules", "learning_rate", "batch_size", "max_steps")
 
 
 @exit_on_error

@@ -6,7 +6,8 @@ The base's linear layers are loaded in 4-bit (bitsandbytes NF4 by default, doubl
 computed in `train.compute_dtype`; LoRA adapters from the `train` params are trained on the dataset stage's
 tokenized split as it is: its labels already hold the loss mask (assistant turns only), so nothing is
 re-tokenized or truncated here. Writes the adapter (adapter_config.json, adapter_model.safetensors and the
-quantization spec that merge must rebuild), train metrics, and the loss curve through DVCLive.
+quantization spec that merge must rebuild, and the lineage: the base's source and the data's, with these
+params), train metrics, and the loss curve through DVCLive.
 Runs on the CPU through bitsandbytes' CPU backend and on CUDA unchanged.
 """
 
@@ -26,6 +27,7 @@ from trl import SFTConfig, SFTTrainer
 
 from tuneline.artifacts import atomic_dir, write_json
 from tuneline.errors import TunelineError, exit_on_error
+from tuneline.lineage import ADAPTER_LINEAGE_FILE, BASE_SOURCE_FILE, LINEAGE_FILE
 from tuneline.modeling import DTYPES, QuantSpec, load_quantized_model, load_tokenizer, read_split
 from tuneline.params import TrainParams, load_section
 
@@ -154,6 +156,12 @@ def train(*, base_dir: Path, dataset_dir: Path, params: TrainParams, adapter_dir
     sort_target_modules(adapter_dir / "adapter_config.json")
     spec.save(adapter_dir)
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    write_json(adapter_dir / ADAPTER_LINEAGE_FILE, {
+        "base": read_optional_json(base_dir / BASE_SOURCE_FILE),
+        "dataset": read_optional_json(dataset_dir / LINEAGE_FILE),
+        "train": params.model_dump(mode="json"),
+        "training": {"steps": trainer.state.global_step, "final_loss": round(losses[-1], 4)},
+    })
     return {
         "train_loss": round(result.training_loss, 4),
         "first_loss": round(losses[0], 4),
@@ -164,6 +172,11 @@ def train(*, base_dir: Path, dataset_dir: Path, params: TrainParams, adapter_dir
         "trainable_parameters": sum(p.numel() for p in trainer.model.parameters() if p.requires_grad),
         "device": str(model.device),
     }
+
+
+def read_optional_json(path: Path) -> dict | None:
+    """A lineage file of an input; None for inputs made outside the pipeline (the adapter then says so)."""
+    return json.loads(path.read_text()) if path.is_file() else None
 
 
 @exit_on_error

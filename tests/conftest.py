@@ -21,7 +21,7 @@ import yaml
 
 PROJECT = Path(__file__).resolve().parent.parent
 VENV_BIN = Path(sys.executable).parent
-STAGES = ("fetch", "convert", "dataset", "train", "merge", "evaluate")
+STAGES = ("fetch", "convert", "dataset", "train", "merge", "evaluate", "lineage")
 
 CHATML_TEMPLATE = (
     "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"

@@ -827,7 +827,13 @@ class TestOutputs:
         assert "dataset: 5 rows read" in capsys.readouterr().out
         assert {path.name for path in (tmp_path / "out" / "dataset").iterdir()} == {
             "train.parquet", "eval.parquet", "train.jsonl", "eval.jsonl", "tokenizer", "dataset_card.json",
-            "dataset_card.md", "token_lengths.json"}
+            "dataset_card.md", "token_lengths.json", "lineage.json"}
+        lineage = json.loads((tmp_path / "out/dataset/lineage.json").read_text())
+        expected = hashlib.sha256((data_dir / "alpaca.json").read_bytes()).hexdigest()
+        assert lineage["inputs"] == {"data/alpaca.json": expected}
+        assert set(lineage["splits"]) == {"train.parquet", "eval.parquet"}
+        assert lineage["counts"]["read"] == 5
+        assert lineage["params"]["sources"][0]["path"] == "alpaca.json"
 
 
 # ------------------------------------------------------------------------------------ hub source, preview

@@ -41,7 +41,7 @@ def leftovers(repo: Path) -> list[str]:
     return names
 
 
-def test_full_repro_runs_all_six_stages(pipeline_repo, reproduced_pipeline):
+def test_full_repro_runs_every_stage(pipeline_repo, reproduced_pipeline):
     assert reproduced_pipeline == set(STAGES), reproduced_pipeline.log
     evaluation = json.loads((pipeline_repo / "metrics/eval.json").read_text())
     assert set(evaluation["accuracy"]) >= {"base", "qlora", "merged", "logistic_regression"}
@@ -82,7 +82,7 @@ def test_evaluate_param_change_reruns_only_evaluate(clean_pipeline_repo):
     write_params(clean_pipeline_repo, params)
     assert set(dvc_status(clean_pipeline_repo)) == {"evaluate"}
     ran = repro(clean_pipeline_repo)
-    assert ran == {"evaluate"}, ran.log
+    assert ran == {"evaluate", "lineage"}, ran.log
     ran = repro(clean_pipeline_repo)
     assert ran == set(), ran.log
 
@@ -91,7 +91,7 @@ def test_evaluate_code_change_reruns_only_evaluate(clean_pipeline_repo):
     append_comment(clean_pipeline_repo / "stages/evaluate.py")
     assert set(dvc_status(clean_pipeline_repo)) == {"evaluate"}
     ran = repro(clean_pipeline_repo)
-    assert ran == {"evaluate"}, ran.log
+    assert ran == {"evaluate"}, ran.log  # the same metrics: the lineage record has nothing new to record
 
 
 def test_dataset_param_change_reruns_dataset_and_downstream(clean_pipeline_repo):
@@ -100,7 +100,7 @@ def test_dataset_param_change_reruns_dataset_and_downstream(clean_pipeline_repo)
     write_params(clean_pipeline_repo, params)
     assert set(dvc_status(clean_pipeline_repo)) == {"dataset"}
     ran = repro(clean_pipeline_repo)
-    assert ran == {"dataset", "train", "merge", "evaluate"}, ran.log
+    assert ran == {"dataset", "train", "merge", "evaluate", "lineage"}, ran.log
 
 
 def test_train_code_change_reruns_train_only(clean_pipeline_repo):
@@ -167,7 +167,7 @@ def test_touching_a_data_file_reruns_nothing_and_editing_it_reruns_dataset_onwar
     data_file.write_text("".join(json.dumps({**row, "output": row["output"] + " indeed"}) + "\n" for row in rows))
     assert set(dvc_status(clean_pipeline_repo)) == {"dataset"}
     ran = repro(clean_pipeline_repo)
-    assert ran == {"dataset", "train", "merge", "evaluate"}, ran.log
+    assert ran == {"dataset", "train", "merge", "evaluate", "lineage"}, ran.log
     card = json.loads((clean_pipeline_repo / "data/dataset/dataset_card.json").read_text())
     assert card["sha256"]["inputs"][f"data/sources/{TINY_SOURCE}"] == sha256(data_file)
 
@@ -197,7 +197,7 @@ def test_new_tokenizer_reruns_dataset_but_new_weights_alone_do_not(clean_pipelin
     params["fetch"]["source"] = f"file://{new_weights}"
     write_params(clean_pipeline_repo, params)
     ran = repro(clean_pipeline_repo)
-    assert ran == {"fetch", "convert", "train", "merge", "evaluate"}, ran.log
+    assert ran == {"fetch", "convert", "train", "merge", "evaluate", "lineage"}, ran.log
 
     new_template = tmp_path / "new-template"
     shutil.copytree(new_weights, new_template)
@@ -217,7 +217,7 @@ def test_dataset_card_change_alone_retrains_nothing(clean_pipeline_repo):
     code = clean_pipeline_repo / "stages/dataset.py"
     code.write_text(code.read_text().replace("# Dataset card", "# Dataset card (edited)"))
     ran = repro(clean_pipeline_repo)
-    assert ran == {"dataset"}, ran.log
+    assert ran == {"dataset", "lineage"}, ran.log  # the record notes the folder's new sha256
     assert "(edited)" in (clean_pipeline_repo / "data/dataset/dataset_card.md").read_text()
 
 
@@ -231,7 +231,7 @@ def test_dvc_exp_run_with_another_lora_rank_is_listed_beside_the_baseline(clean_
     repo = clean_pipeline_repo
     result = dvc(repo, "exp", "run", "-S", "train.lora_r=4", "-S", "train.lora_alpha=8", "-n", "rank-4")
     assert result.returncode == 0, describe(result)
-    assert ran_stages(result) == {"train", "merge", "evaluate"}, describe(result)
+    assert ran_stages(result) == {"train", "merge", "evaluate", "lineage"}, describe(result)
     try:
         shown = dvc(repo, "exp", "show", "--csv", "--no-pager")
         assert shown.returncode == 0, describe(shown)
