@@ -67,7 +67,7 @@ class TestParams:
         tiny_file.write_text(yaml.safe_dump(tiny_params, sort_keys=False))
         write_tiny_sources(tmp_path / "data" / "sources")
         check(tiny_file)
-        assert capsys.readouterr().out.count(": ok (fetch, convert, dataset, train, merge, evaluate)") == 2
+        assert capsys.readouterr().out.count(": ok (fetch, convert, dataset, train, merge, evaluate, promote)") == 2
 
     def test_check_names_a_dataset_source_that_matches_no_file(self, tmp_path, tiny_params):
         from tuneline.cli import check

@@ -3,10 +3,15 @@
     tuneline check               validate params.yaml against the schema, every section, and that the
                                  dataset's source files exist under data/sources/
     tuneline dataset preview     the first rendered examples of each dataset source, trained tokens in ⟦ ⟧
-    tuneline retrain [REPO_DIR]  run the Prefect retrain flow (ephemeral Prefect unless PREFECT_API_URL is set)
+    tuneline retrain [REPO_DIR]  run the Prefect retrain flow once (ephemeral Prefect unless PREFECT_API_URL is set)
+    tuneline serve --cron CRON [REPO_DIR]
+                                 serve the retrain flow on a schedule from the Prefect server at PREFECT_API_URL
+    tuneline audit PATH|SHA256|GIT-REV [--json]
+                                 which weights, data, params and code produced a model, and its metrics
 """
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -53,6 +58,14 @@ def main(argv: list[str] | None = None) -> None:
                                 help="a tokenizer directory (default: the one the convert stage writes)")
     retrain_parser = commands.add_parser("retrain", help="run the Prefect retrain flow")
     retrain_parser.add_argument("repo_dir", type=Path, nargs="?", default=Path("."))
+    retrain_parser.add_argument("--no-commit", action="store_true", help="leave the run's records uncommitted")
+    serve_parser = commands.add_parser("serve", help="serve the retrain flow on a schedule (needs a Prefect server)")
+    serve_parser.add_argument("--cron", required=True, help='a cron schedule, e.g. "0 3 * * 1" (Mondays 03:00)')
+    serve_parser.add_argument("repo_dir", type=Path, nargs="?", default=Path("."))
+    audit_parser = commands.add_parser("audit", help="what produced a model: weights, data, params, code, metrics")
+    audit_parser.add_argument("target", help="a model directory or file, a sha256, or a git revision")
+    audit_parser.add_argument("--json", action="store_true", help="the same facts as JSON")
+    audit_parser.add_argument("--repo", type=Path, default=Path("."), help="the pipeline's repository (default: .)")
     args = parser.parse_args(argv)
     try:
         if args.command == "check":
@@ -65,8 +78,17 @@ def main(argv: list[str] | None = None) -> None:
         elif args.command == "retrain":
             from flows.retrain import retrain
 
-            result = retrain(args.repo_dir)
-            print(f"ran: {', '.join(result['ran']) or 'nothing'}; skipped: {', '.join(result['skipped']) or 'nothing'}")
+            result = retrain(args.repo_dir, commit=not args.no_commit)
+            print(result["note"])
+        elif args.command == "serve":
+            from flows.retrain import serve
+
+            serve(args.repo_dir, args.cron)
+        elif args.command == "audit":
+            from tuneline.audit import audit, format_report
+
+            facts = audit(args.target, args.repo)
+            print(json.dumps(facts, indent=2) if args.json else format_report(facts))
     except TunelineError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(1)

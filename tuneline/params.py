@@ -149,6 +149,14 @@ class EvaluateParams(Section):
     lm_eval: LmEvalParams
 
 
+class PromoteParams(Section):
+    """The promotion gate of `tuneline retrain`: a new model replaces the promoted one only when better."""
+
+    metric: str  # a figure of metrics/eval.json, compared for the merged model: accuracy, macro_f1, eval_loss...
+    higher_is_better: bool  # false for losses
+    margin: float = Field(ge=0)  # the new model must beat the promoted one by more than this
+
+
 SECTIONS: dict[str, type[Section]] = {
     "fetch": FetchParams,
     "convert": ConvertParams,
@@ -156,6 +164,7 @@ SECTIONS: dict[str, type[Section]] = {
     "train": TrainParams,
     "merge": MergeParams,
     "evaluate": EvaluateParams,
+    "promote": PromoteParams,
 }
 
 

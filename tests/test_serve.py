@@ -1,0 +1,140 @@
+"""Scheduled retraining against a real Prefect server (SQLite, loopback port), as a user would run it.
+
+`prefect server start` in the background, `tuneline serve --cron ...` registers the flow with its schedule
+and waits for work; the test triggers runs through the server's REST API, as a schedule or the UI would,
+and checks that they complete and what the promotion gate decided. Both processes are stopped at the end.
+"""
+
+import json
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+
+from conftest import VENV_BIN, commit_all, make_pipeline_repo, subprocess_env
+
+CRON = "0 3 * * 1"
+TERMINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_for(what: str, check, timeout: float, logs: list[Path]):
+    """Poll `check()` until it returns something truthy; fail with the processes' logs after `timeout` s."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if result := check():
+                return result
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    tails = "\n".join(f"--- {log.name} ---\n{log.read_text()[-4000:]}" for log in logs if log.exists())
+    pytest.fail(f"timed out after {timeout} s waiting for {what}\n{tails}")
+
+
+def stop(process: subprocess.Popen) -> None:
+    if process.poll() is None:
+        process.send_signal(signal.SIGINT)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+@pytest.fixture
+def prefect_server(tmp_path):
+    """A real Prefect server on a free loopback port, its state in a private PREFECT_HOME (SQLite)."""
+    port = free_port()
+    env = subprocess_env(prefect_home=tmp_path / "prefect-home")
+    env |= {"PREFECT_API_URL": f"http://127.0.0.1:{port}/api", "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+            "PREFECT_UI_ENABLED": "false"}
+    log = tmp_path / "server.log"
+    with log.open("w") as out:
+        server = subprocess.Popen([str(VENV_BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port",
+                                   str(port)], env=env, stdout=out, stderr=subprocess.STDOUT)
+    api = httpx.Client(base_url=env["PREFECT_API_URL"], timeout=30)
+    try:
+        wait_for("the Prefect server", lambda: api.get("/health").status_code == 200, 180, [log])
+        yield api, env, log
+    finally:
+        api.close()
+        stop(server)
+
+
+def trigger_and_wait(api: httpx.Client, deployment_id: str, logs: list[Path]) -> dict:
+    run = api.post(f"/deployments/{deployment_id}/create_flow_run", json={}).raise_for_status().json()
+
+    def finished():
+        state = api.get(f"/flow_runs/{run['id']}").raise_for_status().json()["state"]
+        return state if state and state["type"] in TERMINAL else None
+
+    state = wait_for(f"flow run {run['id']}", finished, 600, logs)
+    assert state["type"] == "COMPLETED", state
+    return run
+
+
+def summary_of(api: httpx.Client, flow_run_id: str) -> str:
+    artifacts = api.post("/artifacts/filter", json={
+        "artifacts": {"flow_run_id": {"any_": [flow_run_id]}, "key": {"any_": ["tuneline-retrain-summary"]}},
+    }).raise_for_status().json()
+    assert len(artifacts) == 1, artifacts
+    return artifacts[0]["data"]
+
+
+def test_served_flow_runs_on_the_server_and_gates_promotion(prefect_server, tmp_path, tiny_params):
+    api, env, server_log = prefect_server
+    repo = make_pipeline_repo(tmp_path / "repo", tiny_params)
+    serve_log = tmp_path / "serve.log"
+    logs = [server_log, serve_log]
+    with serve_log.open("w") as out:
+        served = subprocess.Popen([sys.executable, "-m", "tuneline.cli", "serve", "--cron", CRON, str(repo)],
+                                  cwd=repo, env=env, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        def deployment_registered():
+            response = api.get("/deployments/name/tuneline-retrain/tuneline-retrain")
+            return response.status_code == 200 and response.json()
+
+        deployment = wait_for("the served deployment", deployment_registered, 180, logs)
+        assert [s["schedule"]["cron"] for s in deployment["schedules"]] == [CRON]
+        assert deployment["parameters"]["repo_dir"] == str(repo)
+
+        # First run: nothing promoted yet, so the first model is promoted as v1.
+        first = trigger_and_wait(api, deployment["id"], logs)
+        registry = json.loads((repo / "registry.json").read_text())
+        assert registry["promoted"]["version"] == 1
+        assert "**promoted**: no model promoted yet" in summary_of(api, first["id"])
+        # one retraining at a time: the flow made (and holds, while it runs) a one-slot global limit
+        limit = api.get("/v2/concurrency_limits/tuneline-retrain").raise_for_status().json()
+        assert (limit["limit"], limit["active_slots"]) == (1, 0)
+
+        # Second run, after a committed change that retrains, with a margin no model can clear: rejected,
+        # and the rejected model's run is still committed and listed in the registry.
+        params = yaml.safe_load((repo / "params.yaml").read_text())
+        params["train"]["seed"] = 7
+        params["promote"]["margin"] = 1.0
+        (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+        commit_all(repo, "retrain with another seed, promote only a model better by 1.0")
+        second = trigger_and_wait(api, deployment["id"], logs)
+        registry = json.loads((repo / "registry.json").read_text())
+        assert [entry["decision"] for entry in registry["history"]] == ["promoted", "rejected"]
+        assert registry["promoted"] == registry["history"][0]
+        rejected = registry["history"][1]
+        assert "does not beat" in rejected["reason"] and "same eval split" in rejected["reason"]
+        assert subprocess.run(["git", "cat-file", "-e", rejected["commit"]], cwd=repo).returncode == 0
+        summary = summary_of(api, second["id"])
+        assert "**rejected**" in summary and "| train | ran |" in summary
+        assert served.poll() is None, "the served process must keep waiting for scheduled runs"
+    finally:
+        stop(served)
