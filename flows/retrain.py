@@ -154,6 +154,7 @@ def promotion_gate(repo_dir: Path, record: dict, run_commit: str | None) -> dict
         "metric": params.metric,
         "value": value,
         "eval_split_sha256": eval_split,
+        "metrics": record["metrics"].get("metrics/eval.json", {}),
         "lineage": {"base": record["base"]["source"] if record.get("base") else None,
                     "data": record["dataset"]["inputs"] if record.get("dataset") else None,
                     "code": record["code"]},

@@ -90,6 +90,7 @@ def test_flow_promotes_the_first_model_and_judges_the_second_on_the_new_eval_spl
     registry = json.loads((repo / "registry.json").read_text())
     assert [entry["model_sha256"] for entry in registry["history"]] == [
         first["decision"]["model_sha256"], second["decision"]["model_sha256"]]
+    assert registry["history"][0]["metrics"] == first["metrics"]["metrics/eval.json"]
     promoted = second["decision"] if second["decision"]["decision"] == "promoted" else first["decision"]
     assert registry["promoted"]["model_sha256"] == promoted["model_sha256"]
     tags = subprocess.run(["git", "tag", "--list", "tuneline-model@*"], cwd=repo, capture_output=True, text=True)
