@@ -13,6 +13,7 @@ a promoted model's commit is tagged tuneline-model@vN.0.0. A rejected model stay
 DVC cache: nothing is lost.
 """
 
+import os
 import sys
 import tempfile
 import time
@@ -21,6 +22,7 @@ from pathlib import Path
 from dvc.repo import Repo
 from prefect import flow, get_client, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
+from prefect.blocks.system import Secret
 from prefect.concurrency.sync import concurrency
 from prefect.types.entrypoint import EntrypointType
 
@@ -31,6 +33,7 @@ from tuneline.params import PARAMS_FILE, PromoteParams, load_section
 
 STAGES = ("fetch", "convert", "dataset", "train", "merge", "evaluate", "lineage")
 CONCURRENCY_LIMIT = "tuneline-retrain"
+HF_TOKEN_BLOCK = "hf-token"  # a Prefect Secret block, used when HF_TOKEN is not set
 REGISTRY_FILE = "registry.json"
 MODEL_ARTIFACT = "tuneline-model"  # dvc.yaml's artifacts: section; tags are tuneline-model@vN.0.0
 MODEL_PATH = "models/merged"
@@ -198,6 +201,20 @@ def summary_markdown(results: list[dict], metrics: dict[str, dict], record: dict
     )
 
 
+def hub_token_from_prefect() -> None:
+    """Give the stages HF_TOKEN from the Prefect Secret block `hf-token` when the environment has none.
+
+    The token only ever lives in this process's environment, which DVC hands to the stage processes.
+    """
+    if os.environ.get("HF_TOKEN"):
+        return
+    try:
+        secret = Secret.load(HF_TOKEN_BLOCK)
+    except ValueError:  # no such block: public models need no token
+        return
+    os.environ["HF_TOKEN"] = secret.get()
+
+
 def one_retraining_at_a_time():
     """A Prefect global concurrency limit of one slot: a second retraining waits for the first to finish."""
     with get_client(sync_client=True) as client:
@@ -211,6 +228,7 @@ def retrain(repo_dir: Path = Path("."), commit: bool = True) -> dict:
     logger = get_run_logger()
     repo_dir = repo_dir.resolve()
     started = time.perf_counter()
+    hub_token_from_prefect()
     with one_retraining_at_a_time():
         results = []
         for stage in STAGES:

@@ -19,12 +19,21 @@ from flows.retrain import gate
 from tuneline.lineage import METADATA_KEY, tree_sha256
 from tuneline.params import PromoteParams
 
+# A fake Hugging Face token, planted in every run's environment (or, for the last run, in a Prefect Secret
+# block only): nothing the runs write may contain it.
+FAKE_TOKEN = "hf_tunelineFakeToken0123456789abcdefXYZ"
 FLOW = """
-import json, sys
+import json, os, sys
 from pathlib import Path
 from flows.retrain import retrain
 
-print("RESULT " + json.dumps(retrain(Path.cwd()), default=str))
+planted = os.environ["HF_TOKEN"]
+if sys.argv[1] == "block":  # the token only in a Prefect Secret block: the flow must find it there
+    from prefect.blocks.system import Secret
+    Secret(value=os.environ.pop("HF_TOKEN")).save("hf-token", overwrite=True)
+result = retrain(Path.cwd())
+result["flow_had_the_token"] = os.environ.get("HF_TOKEN") == planted
+print("RESULT " + json.dumps(result, default=str))
 """
 
 
@@ -32,9 +41,12 @@ def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def run_flow(repo: Path, prefect_home: Path) -> dict:
-    result = subprocess.run([sys.executable, "-c", FLOW], cwd=repo, env=subprocess_env(prefect_home=prefect_home),
-                            capture_output=True, text=True, timeout=900)
+def run_flow(repo: Path, prefect_home: Path, logs: list[str], token_from: str = "env") -> dict:
+    """One flow run in a fresh process, a fake HF_TOKEN planted and debug logging on; its output goes to `logs`."""
+    env = subprocess_env(prefect_home=prefect_home) | {"HF_TOKEN": FAKE_TOKEN, "PREFECT_LOGGING_LEVEL": "DEBUG"}
+    result = subprocess.run([sys.executable, "-c", FLOW, token_from], cwd=repo, env=env, capture_output=True,
+                            text=True, timeout=900)
+    logs += [result.stdout, result.stderr]
     assert result.returncode == 0, describe(result)
     lines = [line for line in result.stdout.splitlines() if line.startswith("RESULT ")]
     assert len(lines) == 1, describe(result)
@@ -65,15 +77,16 @@ def two_versions(tmp_path_factory, tiny_params) -> dict:
     repo = make_pipeline_repo(tmp / "repo", tiny_params)
     prefect_home = tmp / "prefect-home"
     data = repo / "data/sources" / TINY_SOURCE
-    first = run_flow(repo, prefect_home)
+    logs: list[str] = []
+    first = run_flow(repo, prefect_home, logs)
     first_data, first_copy = sha256(data), tmp / "elsewhere" / "first-model"
     shutil.copytree(repo / "models/merged", first_copy)
     add_rows(data, 30)
     commit_all(repo, "data v2: 30 more rows")
-    second = run_flow(repo, prefect_home)
-    third = run_flow(repo, prefect_home)
+    second = run_flow(repo, prefect_home, logs)
+    third = run_flow(repo, prefect_home, logs, token_from="block")
     return {"repo": repo, "first": first, "second": second, "third": third, "first_data": first_data,
-            "second_data": sha256(data), "first_copy": first_copy}
+            "second_data": sha256(data), "first_copy": first_copy, "prefect_home": prefect_home, "logs": logs}
 
 
 def test_flow_promotes_the_first_model_and_judges_the_second_on_the_new_eval_split(two_versions):
@@ -180,6 +193,26 @@ def test_audit_of_an_unknown_target_is_one_line(two_versions, tmp_path):
         assert result.returncode == 1
         assert expected in result.stderr
         assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+def test_no_secret_in_anything_the_runs_wrote(two_versions):
+    """The fake token was in every run's environment (the last run's only in a Prefect Secret block, and the
+    flow found it there): no file of the repo, the DVC cache, the Prefect database (logs, artifacts) or the
+    runs' debug-level output may contain it."""
+    assert two_versions["third"]["flow_had_the_token"] is True
+    files = [path for root in (two_versions["repo"], two_versions["prefect_home"]) for path in root.rglob("*")
+             if path.is_file() and ".git" not in path.relative_to(root).parts]
+    token = FAKE_TOKEN.encode()
+    hits = [str(path) for path in files if token in path.read_bytes()]
+    # git's objects are compressed: read the history (messages and every committed change) as text instead
+    history = subprocess.run(["git", "log", "--all", "-p", "--format=%H%n%B"], cwd=two_versions["repo"],
+                             capture_output=True, text=True, check=True).stdout
+    outputs = [*two_versions["logs"], history]
+    hits += [f"run output {number}" for number, text in enumerate(outputs) if FAKE_TOKEN in text]
+    scanned = len(files) + len(outputs)
+    print(f"secret scan: {scanned} files and outputs scanned, {len(hits)} containing the token")
+    assert len(files) > 50 and any(path.name == "prefect.db" for path in files)
+    assert hits == []
 
 
 @pytest.mark.parametrize(

@@ -5,6 +5,7 @@ section through `load_section`, so a typo or a wrong type stops the stage before
 such as ``params.yaml: train.lora_r: expected an integer, got 'sixteen'``.
 """
 
+import re
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -178,7 +179,42 @@ def read_params_file(path: Path = PARAMS_FILE) -> dict:
         raise TunelineError(f"{path}: not valid YAML ({' '.join(str(error).split())})") from None
     if not isinstance(params, dict):
         raise TunelineError(f"{path}: expected a mapping with one section per stage")
+    refuse_secrets(params, path)
     return params
+
+
+# What a credential looks like. params.yaml is committed and copied into dvc.lock, lineage and model cards.
+SECRET_PATTERNS = {
+    "a Hugging Face token": re.compile(r"\bhf_[A-Za-z0-9]{20,}"),
+    "a GitHub token": re.compile(r"\bgh[pousr]_[A-Za-z0-9]{20,}"),
+    "an API key": re.compile(r"\bsk-[A-Za-z0-9_-]{20,}"),
+    "an AWS access key": re.compile(r"\bAKIA[0-9A-Z]{16}\b"),
+    "a password in a URL": re.compile(r"://[^/\s:@]+:[^/\s@]+@"),
+}
+SECRET_KEYS = re.compile(r"(.*_)?(token|password|passwd|secret|api_?key|credentials?)", re.IGNORECASE)
+
+
+def refuse_secrets(node: object, path: Path, key: str = "") -> None:
+    """Stop at the first value that looks like a credential, naming its key but never echoing the value."""
+    if isinstance(node, dict):
+        for name, value in node.items():
+            child = f"{key}.{name}" if key else str(name)
+            if SECRET_KEYS.fullmatch(str(name)) and value not in (None, "", {}, []):
+                raise TunelineError(
+                    f"{path}: {child}: params.yaml must hold no credentials (it is committed and copied into "
+                    f"dvc.lock); remove the key and export HF_TOKEN (or use a Prefect Secret block) instead"
+                )
+            refuse_secrets(value, path, child)
+    elif isinstance(node, list):
+        for index, value in enumerate(node):
+            refuse_secrets(value, path, f"{key}[{index}]")
+    elif isinstance(node, str):
+        for kind, pattern in SECRET_PATTERNS.items():
+            if pattern.search(node):
+                raise TunelineError(
+                    f"{path}: {key}: looks like {kind}; params.yaml is committed and copied into dvc.lock, "
+                    f"so remove it and export HF_TOKEN (or use a Prefect Secret block) instead"
+                )
 
 
 def validate_section(name: str, raw: object, path: Path = PARAMS_FILE) -> Section:
