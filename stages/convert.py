@@ -20,10 +20,10 @@ import torch
 from safetensors import safe_open
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaConfig, PretrainedConfig
 
-from tuneline.artifacts import TensorWriter, atomic_dir, parse_size, write_json
+from tuneline.artifacts import TensorWriter, atomic_dir, check_free_space, parse_size, sha256_file, write_json
 from tuneline.errors import TunelineError, exit_on_error
 from tuneline.lineage import BASE_SOURCE_FILE, FETCH_MANIFEST, file_hashes, source_revision
-from tuneline.modeling import DTYPES
+from tuneline.modeling import DTYPES, weight_bytes
 from tuneline.params import ConvertParams, load_section
 
 PTH_FILE = "model.pth"
@@ -51,6 +51,7 @@ def convert(
 ) -> str:
     """Convert the checkpoint in `src_dir` into Hugging Face weights at `out_dir` and its tokenizer at
     `tokenizer_dir`; return the source format."""
+    verify_fetched(src_dir)
     gguf_files = sorted(src_dir.glob("*.gguf"))
     meta_shards = sorted(src_dir.glob("consolidated.*.pth"))
     if gguf_files:
@@ -69,6 +70,7 @@ def convert(
             f"consolidated.*.pth; found: {found}"
         )
     config.dtype = dtype
+    check_free_space(out_dir, weight_bytes(config, dtype) * (2 if write_pth else 1))
     config.save_pretrained(out_dir)
     tokenizer.save_pretrained(tokenizer_dir)
     state_dict_for_pth = {}
@@ -84,6 +86,25 @@ def convert(
         torch.save(state_dict_for_pth, out_dir / PTH_FILE)
     write_json(out_dir / BASE_SOURCE_FILE, base_source(src_dir, source_format, dtype))
     return source_format
+
+
+def verify_fetched(src_dir: Path) -> None:
+    """Check every file the fetch manifest lists, size then sha256, before any library reads it: a truncated or
+    corrupted download is one clear line here, not a crash deep inside a GGUF or safetensors reader."""
+    manifest_path = src_dir / FETCH_MANIFEST
+    if not manifest_path.is_file():
+        return  # a folder converted outside the pipeline: nothing to check against
+    for name, entry in json.loads(manifest_path.read_text())["files"].items():
+        path = src_dir / name
+        problem = None
+        if not path.is_file():
+            problem = "is missing"
+        elif path.stat().st_size != entry["size"]:
+            problem = f"has {path.stat().st_size} bytes, the download had {entry['size']} (truncated?)"
+        elif sha256_file(path) != entry["sha256"]:
+            problem = "does not match the sha256 it was fetched with (corrupted?)"
+        if problem:
+            raise TunelineError(f"{path}: {problem}; fetch it again: dvc repro --force fetch")
 
 
 def base_source(src_dir: Path, source_format: str, dtype: str) -> dict:

@@ -26,13 +26,13 @@ from peft import PeftModel
 from peft.tuners.lora import LoraLayer
 from transformers import AutoModelForCausalLM
 
-from tuneline.artifacts import TensorWriter, atomic_dir, parse_size, write_json
+from tuneline.artifacts import TensorWriter, atomic_dir, check_free_space, parse_size, write_json
 from tuneline.errors import exit_on_error
 from tuneline.lineage import (
     ADAPTER_LINEAGE_FILE, LINEAGE_FILE, METADATA_KEY, code_version, file_hashes, tree_sha256, utc_now,
 )
 from tuneline.modeling import (
-    DTYPES, QuantSpec, load_full_model, load_quantized_model, load_tokenizer, pad_batch, read_split,
+    DTYPES, QuantSpec, load_full_model, load_quantized_model, load_tokenizer, pad_batch, read_split, weight_bytes,
 )
 from tuneline.params import MergeParams, load_section
 
@@ -122,6 +122,7 @@ def merge(*, base_dir: Path, adapter_dir: Path, dataset_dir: Path, params: Merge
     tokenizer = load_tokenizer(dataset_dir / "tokenizer")  # the training tokenizer, pad token included
     qlora_model = PeftModel.from_pretrained(load_quantized_model(base_dir, spec), adapter_dir).eval()
     max_shard_size = parse_size(params.max_shard_size, "merge.max_shard_size")
+    check_free_space(out_dir, weight_bytes(qlora_model.get_base_model().config, params.dtype))
     lineage = merged_lineage(adapter_dir, params)
     write_merged_model(qlora_model, tokenizer, out_dir, params.dtype, max_shard_size, lineage)
     candidates = {

@@ -87,6 +87,35 @@ def test_evaluate_param_change_reruns_only_evaluate(clean_pipeline_repo):
     assert ran == set(), ran.log
 
 
+def test_a_second_dvc_repro_started_meanwhile_stops_with_a_clear_message(clean_pipeline_repo, tmp_path):
+    """Two `dvc repro` at once: DVC's locks stop the second in seconds, and the first completes intact."""
+    import subprocess
+    import time
+
+    from conftest import VENV_BIN, subprocess_env
+
+    params = read_params(clean_pipeline_repo)
+    params["evaluate"]["batch_size"] = 5
+    write_params(clean_pipeline_repo, params)
+    log = tmp_path / "first.log"
+    with log.open("w") as out:
+        first = subprocess.Popen([str(VENV_BIN / "dvc"), "repro"], cwd=clean_pipeline_repo, env=subprocess_env(),
+                                 stdout=out, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 120
+    while "Running stage 'evaluate'" not in log.read_text() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    second = dvc(clean_pipeline_repo, "repro")
+    assert first.wait(timeout=600) == 0, log.read_text()
+    assert second.returncode != 0
+    output = second.stdout + second.stderr
+    # DVC's per-path read/write lock names the path and the process holding it (its repo lock, taken for
+    # shorter moments, says "Unable to acquire lock")
+    assert "is busy, it is being blocked by" in output or "Unable to acquire lock" in output, describe(second)
+    assert "Running stage" not in output
+    assert dvc_status(clean_pipeline_repo) == {}
+    assert leftovers(clean_pipeline_repo) == []
+
+
 def test_evaluate_code_change_reruns_only_evaluate(clean_pipeline_repo):
     append_comment(clean_pipeline_repo / "stages/evaluate.py")
     assert set(dvc_status(clean_pipeline_repo)) == {"evaluate"}

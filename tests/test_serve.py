@@ -73,9 +73,11 @@ def prefect_server(tmp_path):
         stop(server)
 
 
-def trigger_and_wait(api: httpx.Client, deployment_id: str, logs: list[Path]) -> dict:
-    run = api.post(f"/deployments/{deployment_id}/create_flow_run", json={}).raise_for_status().json()
+def trigger(api: httpx.Client, deployment_id: str) -> dict:
+    return api.post(f"/deployments/{deployment_id}/create_flow_run", json={}).raise_for_status().json()
 
+
+def wait_until_completed(api: httpx.Client, run: dict, logs: list[Path]) -> dict:
     def finished():
         state = api.get(f"/flow_runs/{run['id']}").raise_for_status().json()["state"]
         return state if state and state["type"] in TERMINAL else None
@@ -111,7 +113,7 @@ def test_served_flow_runs_on_the_server_and_gates_promotion(prefect_server, tmp_
         assert deployment["parameters"]["repo_dir"] == str(repo)
 
         # First run: nothing promoted yet, so the first model is promoted as v1.
-        first = trigger_and_wait(api, deployment["id"], logs)
+        first = wait_until_completed(api, trigger(api, deployment["id"]), logs)
         registry = json.loads((repo / "registry.json").read_text())
         assert registry["promoted"]["version"] == 1
         assert "**promoted**: no model promoted yet" in summary_of(api, first["id"])
@@ -119,22 +121,42 @@ def test_served_flow_runs_on_the_server_and_gates_promotion(prefect_server, tmp_
         limit = api.get("/v2/concurrency_limits/tuneline-retrain").raise_for_status().json()
         assert (limit["limit"], limit["active_slots"]) == (1, 0)
 
-        # Second run, after a committed change that retrains, with a margin no model can clear: rejected,
-        # and the rejected model's run is still committed and listed in the registry.
+        # After a committed change that retrains, with a margin no model can clear, two runs at once: one
+        # retrains and is rejected (its run still committed and listed in the registry); the other waits for
+        # the concurrency slot, then finds nothing changed (run side by side, DVC's lock would fail it).
         params = yaml.safe_load((repo / "params.yaml").read_text())
         params["train"]["seed"] = 7
         params["promote"]["margin"] = 1.0
         (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
         commit_all(repo, "retrain with another seed, promote only a model better by 1.0")
-        second = trigger_and_wait(api, deployment["id"], logs)
+        pair = [trigger(api, deployment["id"]), trigger(api, deployment["id"])]
+        summaries = sorted(summary_of(api, wait_until_completed(api, run, logs)["id"]) for run in pair)
+        assert "Nothing changed" in summaries[0] and "| train | skipped (unchanged) |" in summaries[0]
+        assert "**rejected**" in summaries[1] and "| train | ran |" in summaries[1]
         registry = json.loads((repo / "registry.json").read_text())
         assert [entry["decision"] for entry in registry["history"]] == ["promoted", "rejected"]
         assert registry["promoted"] == registry["history"][0]
         rejected = registry["history"][1]
         assert "does not beat" in rejected["reason"] and "same eval split" in rejected["reason"]
         assert subprocess.run(["git", "cat-file", "-e", rejected["commit"]], cwd=repo).returncode == 0
-        summary = summary_of(api, second["id"])
-        assert "**rejected**" in summary and "| train | ran |" in summary
         assert served.poll() is None, "the served process must keep waiting for scheduled runs"
     finally:
         stop(served)
+
+
+@pytest.mark.parametrize(
+    ("cron", "api_url", "expected"),
+    [
+        (CRON, None, "error: PREFECT_API_URL is not set: Prefect cannot schedule on its ephemeral server"),
+        ("0 3 * * 8", "http://127.0.0.1:9/api", "error: --cron: '0 3 * * 8' is not a cron schedule"),
+    ],
+)
+def test_serve_without_a_server_or_with_a_bad_cron_is_one_line(tmp_path, cron, api_url, expected):
+    env = subprocess_env(prefect_home=tmp_path / "prefect-home")
+    if api_url:
+        env["PREFECT_API_URL"] = api_url
+    result = subprocess.run([sys.executable, "-m", "tuneline.cli", "serve", "--cron", cron, str(tmp_path)],
+                            env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [result.stderr.strip()]
+    assert result.stderr.startswith(expected)

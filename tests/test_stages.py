@@ -13,6 +13,7 @@ import torch
 import yaml
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+from transformers import AutoConfig
 
 from conftest import PROJECT, write_tiny_sources
 from tuneline.artifacts import TensorWriter, atomic_dir, atomic_file, parse_size
@@ -79,6 +80,32 @@ class TestParams:
         assert str(error.value) == (
             f"params.yaml: dataset.sources[1].path: 'tiny.jsonl' matches no file under {tmp_path}/data/sources/"
         )
+
+    @pytest.mark.parametrize(
+        ("where", "value", "expected"),
+        [
+            (("fetch", "hf_token"), "anything", "fetch.hf_token: params.yaml must hold no credentials"),
+            (("fetch", "source"), "hf://org/model@main?token=hf_abcdefghijklmnopqrstuvwxyz012345",
+             "fetch.source: looks like a Hugging Face token"),
+            (("fetch", "source"), "https://user:hunter2@example.com/model.gguf",
+             "fetch.source: looks like a password in a URL"),
+            (("dataset", "system_prompt"), "key sk-abcdefghijklmnopqrstuvwxyz",
+             "dataset.system_prompt: looks like an API key"),
+        ],
+    )
+    def test_a_secret_in_params_is_refused_without_echoing_it(self, tmp_path, tiny_params, where, value, expected):
+        from tuneline.params import read_params_file
+
+        params = copy.deepcopy(tiny_params)
+        params[where[0]][where[1]] = value
+        params_file = tmp_path / "params.yaml"
+        params_file.write_text(yaml.safe_dump(params))
+        with pytest.raises(TunelineError) as error:
+            read_params_file(params_file)
+        message = str(error.value)
+        assert expected in message and "export HF_TOKEN" in message
+        assert value not in message and "hunter2" not in message
+        assert "\n" not in message
 
     def test_unknown_key_is_named(self, tiny_params):
         train = {**tiny_params["train"], "lora_rank": 8}
@@ -229,6 +256,47 @@ class TestFetch:
 
 
 class TestConvert:
+    @pytest.mark.parametrize(
+        ("damage", "expected"),
+        [("truncate", "bytes, the download had"), ("flip", "does not match the sha256"), ("delete", "is missing")],
+    )
+    def test_a_damaged_fetched_file_is_one_clear_line(self, tmp_path, tiny_model_dir, damage, expected):
+        from stages.convert import convert
+        from stages.fetch import fetch
+
+        fetched = tmp_path / "fetched"
+        fetched.mkdir()
+        manifest = fetch(source=f"file://{tiny_model_dir}", expected_sha256={}, out_dir=fetched)
+        (fetched / "tuneline_manifest.json").write_text(json.dumps(manifest))
+        weights = fetched / "model.safetensors"
+        data = weights.read_bytes()
+        if damage == "truncate":
+            weights.write_bytes(data[: len(data) // 2])
+        elif damage == "flip":
+            weights.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))
+        else:
+            weights.unlink()
+        out = tmp_path / "base"
+        out.mkdir()
+        with pytest.raises(TunelineError) as error:
+            convert(src_dir=fetched, out_dir=out, tokenizer_dir=tmp_path / "tokenizer", dtype="float32",
+                    max_shard_size=2 * 10**9, write_pth=False)
+        assert str(error.value).startswith(f"{weights}: ")  # names the file
+        assert expected in str(error.value) and "dvc repro --force fetch" in str(error.value)
+        assert list(out.iterdir()) == []
+
+    def test_too_little_free_disk_stops_before_writing(self, tmp_path, tiny_model_dir, monkeypatch):
+        from stages.convert import convert
+
+        usage = shutil.disk_usage(tmp_path)
+        monkeypatch.setattr(shutil, "disk_usage", lambda path: usage._replace(free=1000))
+        out = tmp_path / "base"
+        out.mkdir()
+        with pytest.raises(TunelineError, match=r"base: needs about 0\.\d\d GB but 0\.00 GB is free on its disk"):
+            convert(src_dir=tiny_model_dir, out_dir=out, tokenizer_dir=tmp_path / "tokenizer", dtype="float32",
+                    max_shard_size=2 * 10**9, write_pth=False)
+        assert list(out.iterdir()) == []
+
     def test_hf_dir_round_trip_same_logits(self, tmp_path, tiny_model_dir):
         from stages.convert import convert
 
@@ -607,6 +675,23 @@ def merged(tmp_path_factory, tiny_model_dir, perturbed_adapter, tiny_dataset_dir
 
 
 class TestMerge:
+    def test_too_little_free_disk_stops_before_writing(self, tmp_path, tiny_model_dir, perturbed_adapter,
+                                                       tiny_dataset_dir, monkeypatch):
+        from stages.merge import merge
+        from tuneline.modeling import weight_bytes
+
+        usage = shutil.disk_usage(tmp_path)
+        needed = weight_bytes(AutoConfig.from_pretrained(tiny_model_dir), "float32")
+        monkeypatch.setattr(shutil, "disk_usage", lambda path: usage._replace(free=needed // 2))
+        out = tmp_path / "merged"
+        out.mkdir()
+        params = MergeParams(dtype="float32", max_shard_size="2GB", num_prompts=4)
+        with pytest.raises(TunelineError) as error:
+            merge(base_dir=tiny_model_dir, adapter_dir=perturbed_adapter, dataset_dir=tiny_dataset_dir,
+                  params=params, out_dir=out)
+        assert f"needs about {needed / 1e9:.2f} GB but {needed / 2e9:.2f} GB is free" in str(error.value)
+        assert list(out.iterdir()) == []
+
     def test_fidelity(self, merged):
         _, metrics = merged
         assert set(metrics) >= {"kl", "top1_agreement", "kl_merge_into_4bit", "top1_merge_into_4bit",

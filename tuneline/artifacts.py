@@ -82,6 +82,16 @@ def read_json(path: Path) -> dict:
         raise TunelineError(f"{path}: not valid JSON ({error}); delete it and rerun its stage") from None
 
 
+def check_free_space(out: Path, needed: int) -> None:
+    """Fail before writing when the disk that will hold `out` has less than `needed` bytes (+5 %) free."""
+    free = shutil.disk_usage(out.parent if not out.exists() else out).free
+    if free < needed * 1.05:
+        raise TunelineError(
+            f"{out}: needs about {needed / 1e9:.2f} GB but {free / 1e9:.2f} GB is free on its disk; "
+            f"free some space (`dvc gc -w` drops cached artifacts no commit uses) and rerun"
+        )
+
+
 def sha256_file(path: Path, chunk_size: int = 1 << 20) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as file:

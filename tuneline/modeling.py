@@ -84,6 +84,13 @@ def load_quantized_model(model_dir: Path, spec: QuantSpec) -> torch.nn.Module:
     return model
 
 
+def weight_bytes(config, dtype: str) -> int:
+    """What the model's weights take in `dtype`, counted on a meta-device model: no memory, no disk read."""
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    return sum(param.numel() for param in model.parameters()) * DTYPES[dtype].itemsize
+
+
 def load_full_model(model_dir: Path, dtype: str = "float32") -> torch.nn.Module:
     return AutoModelForCausalLM.from_pretrained(model_dir, dtype=DTYPES[dtype], device_map={"": device()})
 
