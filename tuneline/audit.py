@@ -45,16 +45,18 @@ def audit(target: str, repo_dir: Path) -> dict:
                 f"{repo_dir.resolve()} (nor in the workspace's)"
             )
         return report(repo_dir, target.lower(), **found)
-    commit = git(repo_dir, "rev-parse", "--verify", "--quiet", f"{target}^{{commit}}")
-    if commit is None:
+    output = git(repo_dir, "rev-parse", "--verify", "--quiet", f"{target}^{{commit}}")
+    if output is None:
         raise TunelineError(f"{target}: not a file, a sha256 or a git revision of {repo_dir.resolve()}")
-    record = record_at(repo_dir, commit.strip())
+    commit = output.strip()
+    record = record_at(repo_dir, commit)
     if record is None:
-        raise TunelineError(f"{target}: commit {commit.strip()[:12]} holds no {LINEAGE_FILE}; it records no run")
+        raise TunelineError(f"{target}: commit {commit[:12]} holds no {LINEAGE_FILE}; it records no run")
     sha256 = record["artifacts"][MODEL_PATH]["sha256"]
-    return report(repo_dir, sha256, **(find_in_history(repo_dir, sha256, match_files=False) or
-                                       {"record": record, "artifact": MODEL_PATH, "commit": commit.strip(),
-                                        "where": "commit"}))
+    # The commit that first recorded this model, if the current branch's history has it; else this one.
+    found = find_in_history(repo_dir, sha256, match_files=False)
+    return report(repo_dir, sha256, **(found or {"record": record, "artifact": MODEL_PATH, "commit": commit,
+                                                 "where": "commit"}))
 
 
 def record_at(repo_dir: Path, commit: str) -> dict | None:
