@@ -28,15 +28,12 @@ from prefect.types.entrypoint import EntrypointType
 
 from tuneline.artifacts import read_json, write_json
 from tuneline.errors import TunelineError
-from tuneline.lineage import LINEAGE_FILE, git, utc_now
+from tuneline.lineage import LINEAGE_FILE, MODEL_ARTIFACT, MODEL_PATH, REGISTRY_FILE, git, read_registry, utc_now
 from tuneline.params import PARAMS_FILE, PromoteParams, load_section
 
 STAGES = ("fetch", "convert", "dataset", "train", "merge", "evaluate", "lineage")
 CONCURRENCY_LIMIT = "tuneline-retrain"
 HF_TOKEN_BLOCK = "hf-token"  # a Prefect Secret block, used when HF_TOKEN is not set
-REGISTRY_FILE = "registry.json"
-MODEL_ARTIFACT = "tuneline-model"  # dvc.yaml's artifacts: section; tags are tuneline-model@vN.0.0
-MODEL_PATH = "models/merged"
 # What a run commits: its records, and the params and data it ran on (code stays the user's to commit).
 RUN_FILES = ("dvc.lock", LINEAGE_FILE, "metrics", "eval", "dvclive", "params.yaml", "data/sources")
 
@@ -77,13 +74,6 @@ def run_git(repo_dir: Path, *args: str) -> str:
     if output is None:
         raise TunelineError(f"{repo_dir}: `git {' '.join(args)}` failed; check the repository's state")
     return output
-
-
-def read_registry(repo_dir: Path) -> dict:
-    path = repo_dir / REGISTRY_FILE
-    if not path.exists():
-        return {"artifact": MODEL_ARTIFACT, "path": MODEL_PATH, "promoted": None, "history": []}
-    return read_json(path)
 
 
 def candidate_value(record: dict, params: PromoteParams) -> float:

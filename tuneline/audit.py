@@ -15,10 +15,8 @@ from pathlib import Path
 import yaml
 
 from tuneline.errors import TunelineError
-from tuneline.lineage import LINEAGE_FILE, embedded_lineage, git, tree_sha256
+from tuneline.lineage import LINEAGE_FILE, MODEL_PATH, embedded_lineage, git, read_registry, tree_sha256
 
-MODEL_PATH = "models/merged"
-REGISTRY_FILE = "registry.json"
 SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
@@ -117,11 +115,10 @@ def dvc_lock_md5(repo_dir: Path, commit: str, artifact: str) -> str | None:
 
 def promotion_of(repo_dir: Path, record: dict, artifact: str) -> list[dict]:
     """The registry's decisions on this model (promoted or rejected, and why)."""
-    registry_file = repo_dir / REGISTRY_FILE
-    if artifact != MODEL_PATH or not registry_file.is_file() or "artifacts" not in record:
+    if artifact != MODEL_PATH or "artifacts" not in record:
         return []
     model = record["artifacts"][MODEL_PATH]["sha256"]
-    return [entry for entry in json.loads(registry_file.read_text())["history"] if entry["model_sha256"] == model]
+    return [entry for entry in read_registry(repo_dir)["history"] if entry["model_sha256"] == model]
 
 
 def format_report(facts: dict) -> str:

@@ -17,15 +17,18 @@ from pathlib import Path
 
 from safetensors import safe_open
 
-from tuneline.artifacts import sha256_file
+from tuneline.artifacts import read_json, sha256_file
 
 FETCH_MANIFEST = "tuneline_manifest.json"  # in models/fetched: source and sha256 of each file
 LINEAGE_FILE = "lineage.json"  # in data/dataset and the merged model, and the run's record at the repo root
 BASE_SOURCE_FILE = "tuneline_source.json"  # in models/base: where the weights came from
 ADAPTER_LINEAGE_FILE = "tuneline_lineage.json"  # in models/adapter: base, data and train params
 METADATA_KEY = "tuneline.lineage"  # safetensors header key holding the lineage as JSON
+MODEL_PATH = "models/merged"  # the model that is promoted and audited by default
+MODEL_ARTIFACT = "tuneline-model"  # dvc.yaml's artifacts: section; promoted runs are tagged tuneline-model@vN.0.0
+REGISTRY_FILE = "registry.json"  # every promotion decision, written by the retrain flow
 # Files that pipeline runs write and commit: a change to them alone does not make the code "dirty".
-RUN_RECORDS = ("dvc.lock", "lineage.json", "registry.json", "metrics", "eval", "dvclive")
+RUN_RECORDS = ("dvc.lock", LINEAGE_FILE, REGISTRY_FILE, "metrics", "eval", "dvclive")
 
 
 def file_hashes(path: Path) -> dict[str, str]:
@@ -83,14 +86,18 @@ def source_revision(source: str) -> str | None:
     return None
 
 
-def read_json_file(path: Path) -> dict:
-    return json.loads(path.read_text())
+def read_registry(repo_dir: Path) -> dict:
+    """registry.json: {"promoted": the current model's decision or None, "history": every decision}."""
+    path = repo_dir / REGISTRY_FILE
+    if not path.exists():
+        return {"artifact": MODEL_ARTIFACT, "path": MODEL_PATH, "promoted": None, "history": []}
+    return read_json(path)
 
 
 def embedded_lineage(path: Path) -> dict | None:
     """The lineage a model carries: lineage.json in its directory, else a safetensors header's; or None."""
     if path.is_dir() and (path / LINEAGE_FILE).is_file():
-        return read_json_file(path / LINEAGE_FILE)
+        return read_json(path / LINEAGE_FILE)
     weight_files = sorted(path.glob("*.safetensors")) if path.is_dir() else [path]
     for weights in weight_files:
         if weights.suffix != ".safetensors":
