@@ -7,6 +7,7 @@ for a copy of the model found outside the repo (from the lineage it carries).
 
 import hashlib
 import json
+import secrets
 import shutil
 import subprocess
 import sys
@@ -19,9 +20,10 @@ from flows.retrain import gate
 from tuneline.lineage import METADATA_KEY, tree_sha256
 from tuneline.params import PromoteParams
 
-# A fake Hugging Face token, planted in every run's environment (or, for the last run, in a Prefect Secret
-# block only): nothing the runs write may contain it.
-FAKE_TOKEN = "hf_tunelineFakeToken0123456789abcdefXYZ"
+# A fake Hugging Face token, made fresh for each session (no token-shaped literal in the repo), planted in
+# every run's environment (or, for the last run, in a Prefect Secret block only): nothing the runs write may
+# contain it.
+FAKE_TOKEN = "hf" + "_" + secrets.token_hex(18)
 FLOW = """
 import json, os, sys
 from pathlib import Path

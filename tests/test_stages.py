@@ -85,11 +85,12 @@ class TestParams:
         ("where", "value", "expected"),
         [
             (("fetch", "hf_token"), "anything", "fetch.hf_token: params.yaml must hold no credentials"),
-            (("fetch", "source"), "hf://org/model@main?token=hf_abcdefghijklmnopqrstuvwxyz012345",
+            # credential-shaped values are assembled here, so that no tracked file holds one
+            (("fetch", "source"), "hf://org/model@main?token=" + "hf" + "_" + "a1" * 17,
              "fetch.source: looks like a Hugging Face token"),
-            (("fetch", "source"), "https://user:hunter2@example.com/model.gguf",
+            (("fetch", "source"), "https://user" + ":" + "hunter2" + "@example.com/model.gguf",
              "fetch.source: looks like a password in a URL"),
-            (("dataset", "system_prompt"), "key sk-abcdefghijklmnopqrstuvwxyz",
+            (("dataset", "system_prompt"), "key " + "sk" + "-" + "b2" * 13,
              "dataset.system_prompt: looks like an API key"),
         ],
     )
