@@ -27,10 +27,8 @@ def check(params_file: Path) -> None:
         raise TunelineError(
             f"{params_file}: unknown section(s) {', '.join(unknown)}; sections are: {', '.join(SECTIONS)}"
         )
-    for name in SECTIONS:
-        validate_section(name, params.get(name), params_file)
-    dataset = validate_section("dataset", params["dataset"], params_file)
-    check_dataset_files(dataset, params_file.parent / "data" / "sources")
+    sections = {name: validate_section(name, params.get(name), params_file) for name in SECTIONS}
+    check_dataset_files(sections["dataset"], params_file.parent / "data" / "sources")
     print(f"{params_file}: ok ({', '.join(SECTIONS)})")
 
 
