@@ -1,6 +1,6 @@
 """Train: QLoRA fine-tune of the base on the train split, with TRL's SFTTrainer.
 
-    python -m stages.train BASE_DIR DATASET_DIR ADAPTER_DIR METRICS_FILE LIVE_DIR
+    python -m stages.train BASE_DIR DATASET_DIR ADAPTER_DIR METRICS_FILE LIVE_DIR CHECKPOINTS_DIR
 
 The base's linear layers are loaded in 4-bit (bitsandbytes NF4 by default, double quantization) and
 computed in `train.compute_dtype`; LoRA adapters from the `train` params are trained on the dataset stage's
@@ -9,11 +9,19 @@ re-tokenized or truncated here. Writes the adapter (adapter_config.json, adapter
 quantization spec that merge must rebuild, and the lineage: the base's source and the data's, with these
 params), train metrics, and the loss curve through DVCLive.
 Runs on the CPU through bitsandbytes' CPU backend and on CUDA unchanged.
+
+Every `train.save_steps` the trainer checkpoints the adapter, optimizer, scheduler and RNG states into
+CHECKPOINTS_DIR/<inputs key>/, the key being a hash of everything that decides the result (base, data, code,
+params). A killed run, rerun by `dvc repro`, resumes from the newest complete checkpoint under the same key and
+ends with the same adapter; checkpoints of other inputs are never used. They are deleted when a run ends.
+The checkpoints live outside the stage's outs on purpose: DVC deletes outs before it runs a stage, and
+`persist: true` outs would switch off its run-cache.
 """
 
+import hashlib
 import json
+import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -27,7 +35,8 @@ from trl import SFTConfig, SFTTrainer
 
 from tuneline.artifacts import atomic_dir, write_json
 from tuneline.errors import TunelineError, exit_on_error
-from tuneline.lineage import ADAPTER_LINEAGE_FILE, BASE_SOURCE_FILE, LINEAGE_FILE
+import tuneline
+from tuneline.lineage import ADAPTER_LINEAGE_FILE, BASE_SOURCE_FILE, LINEAGE_FILE, tree_sha256
 from tuneline.modeling import DTYPES, QuantSpec, load_quantized_model, load_tokenizer, read_split
 from tuneline.params import TrainParams, load_section
 
@@ -37,6 +46,14 @@ class LiveLossCurve(TrainerCallback):
 
     def __init__(self, live: Live) -> None:
         self.live = live
+
+    def on_train_begin(self, args, state, control, **kwargs) -> None:
+        """On resume, log the checkpoint's loss history first: the curve reads as one uninterrupted run."""
+        for logs in state.log_history:
+            if "loss" in logs:
+                self.live.step = logs["step"]
+                self.live.log_metric("loss", logs["loss"])
+                self.live.log_metric("learning_rate", logs["learning_rate"])
 
     def on_log(self, args, state, control, logs=None, **kwargs) -> None:
         if logs and "loss" in logs:
@@ -92,9 +109,37 @@ def keep_adapters_in_compute_dtype(model: torch.nn.Module, compute_dtype: str) -
             param.data = param.data.to(DTYPES[compute_dtype])
 
 
-def training_config(params: TrainParams, checkpoint_dir: Path) -> SFTConfig:
+# Written last into a checkpoint by the trainer: a checkpoint without it was cut short by a kill.
+CHECKPOINT_FILES = ("adapter_model.safetensors", "optimizer.pt", "scheduler.pt", "rng_state.pth")
+TRAINER_STATE = "trainer_state.json"
+
+
+def inputs_key(base_dir: Path, dataset_dir: Path, params: TrainParams) -> str:
+    """A hash of everything that decides the trained adapter: the base, the data this stage reads, the code
+    and the params (all but the checkpointing ones). Checkpoints are kept under it."""
+    digest = hashlib.sha256()
+    for path in (base_dir, dataset_dir / "train.parquet", dataset_dir / "tokenizer", dataset_dir / LINEAGE_FILE):
+        digest.update(tree_sha256(path).encode() if path.exists() else b"-")
+    for code in [Path(__file__), *sorted(Path(tuneline.__file__).parent.glob("*.py"))]:
+        digest.update(code.read_bytes())
+    digest.update(params.model_dump_json(exclude={"save_steps", "keep_checkpoints"}).encode())
+    return digest.hexdigest()[:16]
+
+
+def last_complete_checkpoint(run_dir: Path) -> Path | None:
+    """The newest checkpoint holding every file a resume needs; checkpoints a kill cut short are deleted."""
+    complete = []
+    for checkpoint in run_dir.glob("checkpoint-*"):
+        if all((checkpoint / name).is_file() for name in (*CHECKPOINT_FILES, TRAINER_STATE)):
+            complete.append(checkpoint)
+        else:
+            shutil.rmtree(checkpoint)
+    return max(complete, key=lambda path: int(path.name.rsplit("-", 1)[1]), default=None)
+
+
+def training_config(params: TrainParams, run_dir: Path) -> SFTConfig:
     return SFTConfig(
-        output_dir=str(checkpoint_dir),
+        output_dir=str(run_dir),
         seed=params.seed,
         learning_rate=params.learning_rate,
         lr_scheduler_type=params.lr_scheduler,
@@ -112,14 +157,19 @@ def training_config(params: TrainParams, checkpoint_dir: Path) -> SFTConfig:
         bf16=params.compute_dtype == "bfloat16",
         fp16=params.compute_dtype == "float16",
         logging_steps=params.logging_steps,
-        save_strategy="no",
+        save_strategy="steps" if params.save_steps else "no",
+        save_steps=params.save_steps or 500,  # unused when save_strategy is "no"
+        save_total_limit=params.keep_checkpoints,
         report_to="none",
         dataloader_num_workers=0,
     )
 
 
-def train(*, base_dir: Path, dataset_dir: Path, params: TrainParams, adapter_dir: Path, live: Live) -> dict:
-    """Train LoRA adapters on the 4-bit base; save them to `adapter_dir` and return the train metrics."""
+def train(
+    *, base_dir: Path, dataset_dir: Path, params: TrainParams, adapter_dir: Path, live: Live, run_dir: Path
+) -> dict:
+    """Train LoRA adapters on the 4-bit base; save them to `adapter_dir` and return the train metrics.
+    Checkpoints go to `run_dir`; training resumes from the newest complete one there."""
     check_trainer_choices(params)
     set_seed(params.seed)
     tokenizer = load_tokenizer(dataset_dir / "tokenizer")  # the one the data were tokenized with
@@ -134,23 +184,25 @@ def train(*, base_dir: Path, dataset_dir: Path, params: TrainParams, adapter_dir
         use_rslora=params.use_rslora,
         task_type="CAUSAL_LM",
     )
-    # Checkpoints are off; the trainer's scratch directory only holds its bookkeeping, and goes away
-    # however training ends.
-    with tempfile.TemporaryDirectory(prefix=f"{adapter_dir.name}.tmp-trainer-", dir=adapter_dir.parent) as scratch:
-        trainer = SFTTrainer(
-            model=model,
-            args=training_config(params, Path(scratch)),
-            # input_ids, attention_mask and labels as the dataset stage wrote them (labels hold the loss mask)
-            train_dataset=Dataset.from_pandas(
-                read_split(dataset_dir / "train.parquet")[["input_ids", "attention_mask", "labels"]]
-            ),
-            processing_class=tokenizer,
-            peft_config=lora_config,
-            callbacks=[LiveLossCurve(live)],
-        )
-        keep_adapters_in_compute_dtype(trainer.model, params.compute_dtype)
-        started = time.perf_counter()
-        result = trainer.train()
+    trainer = SFTTrainer(
+        model=model,
+        args=training_config(params, run_dir),
+        # input_ids, attention_mask and labels as the dataset stage wrote them (labels hold the loss mask)
+        train_dataset=Dataset.from_pandas(
+            read_split(dataset_dir / "train.parquet")[["input_ids", "attention_mask", "labels"]]
+        ),
+        processing_class=tokenizer,
+        peft_config=lora_config,
+        callbacks=[LiveLossCurve(live)],
+    )
+    keep_adapters_in_compute_dtype(trainer.model, params.compute_dtype)
+    # The adapter is wrapped once, here; a resume loads the checkpoint's adapter weights into it (no second
+    # LoRA on top) along with the optimizer, scheduler, RNG states and the step to go on from.
+    checkpoint = last_complete_checkpoint(run_dir) if run_dir.is_dir() else None
+    if checkpoint:
+        print(f"train: resuming from {checkpoint} (a run of the same inputs was interrupted)", flush=True)
+    started = time.perf_counter()
+    result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     seconds = time.perf_counter() - started
     trainer.model.save_pretrained(adapter_dir)
     sort_target_modules(adapter_dir / "adapter_config.json")
@@ -167,6 +219,7 @@ def train(*, base_dir: Path, dataset_dir: Path, params: TrainParams, adapter_dir
         "first_loss": round(losses[0], 4),
         "final_loss": round(losses[-1], 4),
         "steps": trainer.state.global_step,
+        "resumed_from_step": int(checkpoint.name.rsplit("-", 1)[1]) if checkpoint else 0,
         "seconds": round(seconds, 1),
         "seconds_per_step": round(seconds / max(trainer.state.global_step, 1), 2),
         "trainable_parameters": sum(p.numel() for p in trainer.model.parameters() if p.requires_grad),
@@ -181,16 +234,19 @@ def read_optional_json(path: Path) -> dict | None:
 
 @exit_on_error
 def main() -> None:
-    if len(sys.argv) != 6:
-        sys.exit("usage: python -m stages.train BASE_DIR DATASET_DIR ADAPTER_DIR METRICS_FILE LIVE_DIR")
+    if len(sys.argv) != 7:
+        sys.exit("usage: python -m stages.train BASE_DIR DATASET_DIR ADAPTER_DIR METRICS_FILE LIVE_DIR CHECKPOINTS_DIR")
     params: TrainParams = load_section("train")
-    base_dir, dataset_dir, adapter_dir, metrics_file, live_dir = map(Path, sys.argv[1:])
+    base_dir, dataset_dir, adapter_dir, metrics_file, live_dir, checkpoints_dir = map(Path, sys.argv[1:])
+    run_dir = checkpoints_dir / inputs_key(base_dir, dataset_dir, params)
     with atomic_dir(adapter_dir) as adapter_tmp, atomic_dir(live_dir) as live_tmp:
         with Live(dir=str(live_tmp), dvcyaml=None, save_dvc_exp=False) as live:
             metrics = train(
-                base_dir=base_dir, dataset_dir=dataset_dir, params=params, adapter_dir=adapter_tmp, live=live
+                base_dir=base_dir, dataset_dir=dataset_dir, params=params, adapter_dir=adapter_tmp, live=live,
+                run_dir=run_dir,
             )
         write_json(metrics_file, metrics)
+    shutil.rmtree(run_dir, ignore_errors=True)  # the run is finished: its checkpoints are of no more use
     print(f"train: loss {metrics['first_loss']} -> {metrics['final_loss']} in {metrics['steps']} steps "
           f"({metrics['seconds_per_step']} s/step on {metrics['device']})")
 

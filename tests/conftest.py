@@ -74,6 +74,17 @@ def _session_env(tmp_path_factory):
         yield
 
 
+@pytest.fixture
+def report(capsys):
+    """Print to the terminal even under pytest's capture: what a reliability test tried and what survived."""
+
+    def emit(text: str) -> None:
+        with capsys.disabled():
+            print(f"\n{text}")
+
+    return emit
+
+
 # ------------------------------------------------------------------------------------------- tiny model
 
 

@@ -270,7 +270,8 @@ def trained_adapter_dir(tmp_path_factory, tiny_model_dir, tiny_params, tiny_data
     root = tmp_path_factory.mktemp("adapter")
     params = TrainParams(**{**tiny_params["train"], "max_steps": 1})
     with Live(dir=str(root / "live"), dvcyaml=None, save_dvc_exp=False) as live:
-        train(base_dir=tiny_model_dir, dataset_dir=tiny_dataset_dir, params=params, adapter_dir=root / "adapter", live=live)
+        train(base_dir=tiny_model_dir, dataset_dir=tiny_dataset_dir, params=params, adapter_dir=root / "adapter", live=live,
+              run_dir=root / "checkpoints")
     return root / "adapter"
 
 

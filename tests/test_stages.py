@@ -4,6 +4,7 @@ import copy
 import hashlib
 import json
 import math
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -506,6 +507,21 @@ class TestArtifacts:
         assert sorted(p.name for p in target.iterdir()) == ["new.txt"]
         assert sorted(p.name for p in tmp_path.iterdir()) == ["base"]  # no *.tmp-* or *.tmp-old left
 
+    def test_temporaries_of_killed_writers_are_removed_by_the_next_writer(self, tmp_path):
+        import subprocess
+
+        dead = subprocess.Popen(["true"])
+        dead.wait()  # a PID that no longer runs, like a stage killed with SIGKILL
+        target = tmp_path / "base"
+        (tmp_path / f"base.tmp-{dead.pid}-x1").mkdir()  # a killed atomic_dir
+        (tmp_path / f"base.tmp-{dead.pid}-old").mkdir()  # killed between the two renames
+        (tmp_path / f"base.tmp-{dead.pid}-x2").write_text("half")  # a killed atomic_file
+        (tmp_path / f"base.tmp-{os.getppid()}-x3").mkdir()  # a writer still running: left alone
+        (tmp_path / "base2.tmp-1-x").mkdir()  # another out's: left alone
+        with atomic_dir(target) as tmp:
+            (tmp / "f").write_text("1")
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["base", f"base.tmp-{os.getppid()}-x3", "base2.tmp-1-x"]
+
     def test_atomic_dir_creates_new(self, tmp_path):
         target = tmp_path / "a" / "b"
         with atomic_dir(target) as tmp:
@@ -552,7 +568,8 @@ def trained_adapter(tmp_path_factory, tiny_model_dir, tiny_params, tiny_dataset_
     adapter_dir = root / "adapter"
     live_dir = root / "live"
     with Live(dir=str(live_dir), dvcyaml=None, save_dvc_exp=False) as live:
-        metrics = train(base_dir=tiny_model_dir, dataset_dir=tiny_dataset_dir, params=params, adapter_dir=adapter_dir, live=live)
+        metrics = train(base_dir=tiny_model_dir, dataset_dir=tiny_dataset_dir, params=params, adapter_dir=adapter_dir,
+                        live=live, run_dir=root / "checkpoints")
     return adapter_dir, metrics, live_dir
 
 
@@ -604,8 +621,10 @@ class TestTrain:
         assert any("lora_A" in name for name in weights) and any("lora_B" in name for name in weights)
         # adapters stay in the compute dtype (float32), not TRL's bf16
         assert {t.dtype for t in weights.values()} == {torch.float32}
-        # the trainer's scratch dir beside the adapter is gone
-        assert sorted(p.name for p in adapter_dir.parent.iterdir()) == ["adapter", "live"]
+        # nothing beside the adapter but the live dir and the run's checkpoints (the trainer saves the last
+        # step too; the stage's main() deletes them once the adapter is written)
+        assert sorted(p.name for p in adapter_dir.parent.iterdir()) == ["adapter", "checkpoints", "live"]
+        assert [p.name for p in (adapter_dir.parent / "checkpoints").glob("checkpoint-*")] == ["checkpoint-3"]
         assert (live_dir / "plots" / "metrics" / "loss.tsv").is_file()
 
     def test_missing_quant_spec_is_named(self, tmp_path):
@@ -625,7 +644,8 @@ class TestTrain:
         root = tmp_path / "models"
         root.mkdir(exist_ok=True)
         with Live(dir=str(tmp_path / "live"), dvcyaml=None, save_dvc_exp=False) as live:
-            train(base_dir=tiny_model_dir, dataset_dir=dataset_dir, params=params, adapter_dir=root / "adapter", live=live)
+            train(base_dir=tiny_model_dir, dataset_dir=dataset_dir, params=params, adapter_dir=root / "adapter", live=live,
+                  run_dir=tmp_path / "checkpoints")
         return root
 
     @pytest.mark.parametrize("key, value", [("optim", "adamw_typo"), ("lr_scheduler", "cosinus")])

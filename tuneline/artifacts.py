@@ -1,9 +1,11 @@
 """Artifact I/O: atomic outputs, hashes, and memory-bounded safetensors writing.
 
 Every stage writes each of its outs into a temporary path beside it and renames it into place only when
-the stage succeeded, so a killed stage leaves the out absent or complete, never half-written.
+the stage succeeded, so a killed stage leaves the out absent or complete, never half-written. Temporary
+paths carry the writer's PID: the next writer of the same out removes those of processes no longer running.
 """
 
+import glob
 import hashlib
 import json
 import os
@@ -25,11 +27,37 @@ _UMASK = os.umask(0)
 os.umask(_UMASK)
 
 
+def temp_prefix(path: Path) -> str:
+    return f"{path.name}.tmp-{os.getpid()}-"
+
+
+def is_running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def remove_stale_temporaries(path: Path) -> None:
+    """Delete the temporaries beside `path` that killed runs left behind (their PID no longer runs)."""
+    for stale in path.parent.glob(f"{glob.escape(path.name)}.tmp-*"):
+        pid = stale.name[len(f"{path.name}.tmp-"):].split("-", 1)[0]
+        if pid.isdigit() and not is_running(int(pid)):
+            if stale.is_dir() and not stale.is_symlink():
+                shutil.rmtree(stale, ignore_errors=True)
+            else:
+                stale.unlink(missing_ok=True)
+
+
 @contextmanager
 def atomic_dir(path: Path) -> Iterator[Path]:
     """Yield an empty temporary directory beside `path`; on success it replaces `path` whole."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f"{path.name}.tmp-", dir=path.parent))
+    remove_stale_temporaries(path)
+    tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(path), dir=path.parent))
     tmp.chmod(0o777 & ~_UMASK)  # mkdtemp makes it private; the artifact gets the usual permissions
     try:
         yield tmp
@@ -43,7 +71,8 @@ def atomic_dir(path: Path) -> Iterator[Path]:
 def atomic_file(path: Path) -> Iterator[Path]:
     """Yield a temporary file path beside `path`; on success it replaces `path`."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f"{path.name}.tmp-", dir=path.parent)
+    remove_stale_temporaries(path)
+    fd, name = tempfile.mkstemp(prefix=temp_prefix(path), dir=path.parent)
     os.close(fd)
     tmp = Path(name)
     tmp.chmod(0o666 & ~_UMASK)
@@ -58,7 +87,7 @@ def atomic_file(path: Path) -> Iterator[Path]:
 def replace_path(src: Path, dst: Path) -> None:
     """Move `src` onto `dst`; an existing directory at `dst` is moved aside first, then removed."""
     if dst.is_dir() and not dst.is_symlink():
-        old = dst.with_name(f"{dst.name}.tmp-old")
+        old = dst.with_name(f"{temp_prefix(dst)}old")
         shutil.rmtree(old, ignore_errors=True)
         os.replace(dst, old)
         os.replace(src, dst)

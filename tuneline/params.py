@@ -118,6 +118,8 @@ class TrainParams(Section):
     gradient_checkpointing: bool
     optim: str  # "adamw_torch" on CPU; "paged_adamw_8bit" on CUDA
     logging_steps: int = Field(gt=0)
+    save_steps: int = Field(ge=0)  # checkpoint every N steps to resume a killed run; 0 = no checkpoints
+    keep_checkpoints: int = Field(gt=0)  # newest checkpoints kept while a run goes on; all go when it ends
 
 
 class MergeParams(Section):
