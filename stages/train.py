@@ -29,7 +29,7 @@ import torch
 from datasets import Dataset
 from dvclive import Live
 from peft import LoraConfig
-from transformers import SchedulerType, TrainerCallback, set_seed
+from transformers import AutoConfig, SchedulerType, TrainerCallback, set_seed
 from transformers.training_args import OptimizerNames
 from trl import SFTConfig, SFTTrainer
 
@@ -37,7 +37,9 @@ from tuneline.artifacts import atomic_dir, write_json
 from tuneline.errors import TunelineError, exit_on_error
 import tuneline
 from tuneline.lineage import ADAPTER_LINEAGE_FILE, BASE_SOURCE_FILE, LINEAGE_FILE, tree_sha256
-from tuneline.modeling import DTYPES, QuantSpec, load_quantized_model, load_tokenizer, read_split
+from tuneline.modeling import (
+    DTYPES, QuantSpec, available_memory, load_quantized_model, load_tokenizer, meta_model, read_split,
+)
 from tuneline.params import TrainParams, load_section
 
 
@@ -77,6 +79,49 @@ def check_target_modules(model: torch.nn.Module, target_modules: list[str] | str
                 f"params.yaml: train.target_modules: '{target}' matches no linear layer of the model; "
                 f"its linear layers are: {', '.join(sorted(linear_names))} (or use all-linear)"
             )
+
+
+def training_memory_bytes(model: torch.nn.Module, params: TrainParams, seq_len: int) -> int:
+    """A deliberately generous estimate of QLoRA training's peak memory for `model` (on the meta device).
+
+    4-bit linear weights (~0.55 byte/param with the quantization constants), the rest in the compute dtype;
+    LoRA weights, gradients and two AdamW moments in fp32 (16 bytes/param); activations per layer after
+    Korthikanti et al. (2022), s*b*h*(34 + 5*a*s/h) bytes at 16 bit (scaled to the compute dtype; with
+    gradient checkpointing, 2*s*b*h per layer plus one whole layer); the logits, their softmax and gradient
+    in fp32; 20 % and 0.5 GiB for the allocator and the runtime.
+    """
+    config = model.config
+    compute_bytes = DTYPES[params.compute_dtype].itemsize
+    linears = {name: module for name, module in model.named_modules()
+               if isinstance(module, torch.nn.Linear) and name != "lm_head"}
+    targeted = [module for name, module in linears.items()
+                if params.target_modules == "all-linear" or name.rsplit(".", 1)[-1] in params.target_modules]
+    linear_params = sum(module.weight.numel() for module in linears.values())
+    other_params = sum(param.numel() for param in model.parameters()) - linear_params
+    lora_params = sum(params.lora_r * (module.in_features + module.out_features) for module in targeted)
+    tokens = params.batch_size * seq_len
+    hidden, heads, layers = config.hidden_size, config.num_attention_heads, config.num_hidden_layers
+    layer_activations = tokens * (34 * hidden + 5 * heads * seq_len) * compute_bytes / 2
+    if params.gradient_checkpointing:
+        activations = layers * tokens * hidden * compute_bytes + layer_activations
+    else:
+        activations = layers * layer_activations
+    logits = tokens * config.vocab_size * 4 * 3
+    total = linear_params * 0.55 + other_params * compute_bytes + lora_params * 16 + activations + logits
+    return int(total * 1.2 + 2**29)
+
+
+def check_training_memory(model: torch.nn.Module, params: TrainParams, seq_len: int, length_from: str) -> int:
+    """Stop before loading anything when training cannot fit in the memory at hand; return the estimate."""
+    needed, available = training_memory_bytes(model, params, seq_len), available_memory()
+    if needed > available:
+        raise TunelineError(
+            f"params.yaml: train.batch_size: {params.batch_size} sequences of {seq_len} tokens ({length_from}) need "
+            f"about {needed / 2**30:.1f} GiB to train, and {available / 2**30:.1f} GiB is free; lower train.batch_size "
+            "(raise train.gradient_accumulation_steps to keep the effective batch), lower dataset.max_length, or "
+            "set train.gradient_checkpointing: true"
+        )
+    return needed
 
 
 def check_trainer_choices(params: TrainParams) -> None:
@@ -171,11 +216,14 @@ def train(
     """Train LoRA adapters on the 4-bit base; save them to `adapter_dir` and return the train metrics.
     Checkpoints go to `run_dir`; training resumes from the newest complete one there."""
     check_trainer_choices(params)
+    split = read_split(dataset_dir / "train.parquet")[["input_ids", "attention_mask", "labels"]]
+    shapes = meta_model(AutoConfig.from_pretrained(base_dir))
+    check_target_modules(shapes, params.target_modules)
+    check_training_memory(shapes, params, int(split["input_ids"].map(len).max()), "the longest in train.parquet")
     set_seed(params.seed)
     tokenizer = load_tokenizer(dataset_dir / "tokenizer")  # the one the data were tokenized with
     spec = QuantSpec(params.quant_type, params.double_quant, params.compute_dtype)
     model = load_quantized_model(base_dir, spec)
-    check_target_modules(model, params.target_modules)
     lora_config = LoraConfig(
         r=params.lora_r,
         lora_alpha=params.lora_alpha,
@@ -188,9 +236,7 @@ def train(
         model=model,
         args=training_config(params, run_dir),
         # input_ids, attention_mask and labels as the dataset stage wrote them (labels hold the loss mask)
-        train_dataset=Dataset.from_pandas(
-            read_split(dataset_dir / "train.parquet")[["input_ids", "attention_mask", "labels"]]
-        ),
+        train_dataset=Dataset.from_pandas(split),
         processing_class=tokenizer,
         peft_config=lora_config,
         callbacks=[LiveLossCurve(live)],

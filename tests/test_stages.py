@@ -1,5 +1,6 @@
 """Unit tests: the stage functions and helpers called directly on the tiny model (no DVC)."""
 
+import contextlib
 import copy
 import hashlib
 import json
@@ -61,15 +62,48 @@ def real_params() -> dict:
 
 
 class TestParams:
-    def test_real_and_tiny_params_files_validate(self, tmp_path, tiny_params, capsys):
+    def test_real_and_tiny_params_files_validate(self, tmp_path, tiny_params, tiny_model_dir, capsys):
         from tuneline.cli import check
 
-        check(PROJECT / "params.yaml")
+        check(PROJECT / "params.yaml", tmp_path / "not-converted")
         tiny_file = tmp_path / "params.yaml"
         tiny_file.write_text(yaml.safe_dump(tiny_params, sort_keys=False))
         write_tiny_sources(tmp_path / "data" / "sources")
-        check(tiny_file)
-        assert capsys.readouterr().out.count(": ok (fetch, convert, dataset, train, merge, evaluate, promote)") == 2
+        check(tiny_file, tiny_model_dir)
+        out = capsys.readouterr().out
+        assert out.count(": ok (fetch, convert, dataset, train, merge, evaluate, promote)") == 2
+        assert "not-converted: not converted yet; the train stage checks target modules and memory itself" in out
+        assert f"{tiny_model_dir}: target modules present; training needs about 0.5 GiB at batch 4 x 256 tokens" in out
+
+    @staticmethod
+    def check_with(tmp_path: Path, params: dict, model_dir: Path) -> str:
+        """The one-line error `tuneline check` gives for `params` against the model in `model_dir`."""
+        from tuneline.cli import check
+
+        path = tmp_path / "params.yaml"
+        path.write_text(yaml.safe_dump(params, sort_keys=False))
+        write_tiny_sources(tmp_path / "data" / "sources")
+        with pytest.raises(TunelineError) as error:
+            check(path, model_dir)
+        return str(error.value)
+
+    def test_check_names_a_target_module_missing_from_the_model(self, tmp_path, params, tiny_model_dir):
+        params["train"]["target_modules"] = ["q_proj", "query_key_value"]  # a Falcon name on a Llama
+        message = self.check_with(tmp_path, params, tiny_model_dir)
+        assert message.startswith("params.yaml: train.target_modules: 'query_key_value' matches no linear layer")
+        assert "q_proj" in message  # names the layers there are
+
+    def test_check_refuses_a_batch_too_big_for_the_memory_at_hand(self, tmp_path, params, tiny_model_dir):
+        params["train"]["batch_size"] = 10**6
+        message = self.check_with(tmp_path, params, tiny_model_dir)
+        assert message.startswith("params.yaml: train.batch_size: 1000000 sequences of 256 tokens "
+                                  "(dataset.max_length) need about ")
+        assert "lower train.batch_size" in message and "gradient_checkpointing" in message
+
+    def test_check_names_a_local_fetch_source_that_does_not_exist(self, tmp_path, params, tiny_model_dir):
+        params["fetch"]["source"] = f"file://{tmp_path}/no-such-model"
+        message = self.check_with(tmp_path, params, tiny_model_dir)
+        assert message == f"params.yaml: fetch.source: file://{tmp_path}/no-such-model does not exist"
 
     def test_check_names_a_dataset_source_that_matches_no_file(self, tmp_path, tiny_params):
         from tuneline.cli import check
@@ -77,7 +111,7 @@ class TestParams:
         tiny_file = tmp_path / "params.yaml"
         tiny_file.write_text(yaml.safe_dump(tiny_params, sort_keys=False))
         with pytest.raises(TunelineError) as error:
-            check(tiny_file)  # data/sources/tiny.jsonl was never written
+            check(tiny_file, tmp_path / "models" / "base")  # data/sources/tiny.jsonl was never written
         assert str(error.value) == (
             f"params.yaml: dataset.sources[1].path: 'tiny.jsonl' matches no file under {tmp_path}/data/sources/"
         )
@@ -156,7 +190,7 @@ class TestParams:
         path = tmp_path / "params.yaml"
         path.write_text(yaml.safe_dump({**tiny_params, "trian": {}}))
         with pytest.raises(TunelineError, match="unknown section.*trian"):
-            check(path)
+            check(path, tmp_path / "models" / "base")
 
     def test_union_field_error_names_the_plain_key(self, tiny_params):
         train = {**tiny_params["train"], "target_modules": "q_proj"}  # a string, not a list
@@ -174,7 +208,7 @@ class TestFetch:
 
         out = tmp_path / "out"
         out.mkdir()
-        manifest = fetch(source=f"file://{tiny_model_dir}", expected_sha256={}, out_dir=out)
+        manifest = fetch(source=f"file://{tiny_model_dir}", expected_sha256={}, out_dir=out, download_dir=tmp_path / "download")
         expected = sorted(p.name for p in tiny_model_dir.iterdir() if p.is_file())
         assert sorted(manifest["files"]) == expected
         assert manifest["source"] == f"file://{tiny_model_dir}"
@@ -190,7 +224,7 @@ class TestFetch:
         out.mkdir()
         source = tiny_model_dir / "config.json"
         pin = sha256(source).upper()  # pins are compared case-insensitively
-        manifest = fetch(source=f"file://{source}", expected_sha256={"config.json": pin}, out_dir=out)
+        manifest = fetch(source=f"file://{source}", expected_sha256={"config.json": pin}, out_dir=out, download_dir=tmp_path / "download")
         assert manifest["files"] == {"config.json": {"sha256": sha256(source), "size": source.stat().st_size}}
 
     def test_wrong_pin(self, tmp_path, tiny_model_dir):
@@ -199,8 +233,42 @@ class TestFetch:
         out = tmp_path / "out"
         out.mkdir()
         with pytest.raises(TunelineError) as error:
-            fetch(source=f"file://{tiny_model_dir}", expected_sha256={"model.safetensors": "0" * 64}, out_dir=out)
+            fetch(source=f"file://{tiny_model_dir}", expected_sha256={"model.safetensors": "0" * 64}, out_dir=out, download_dir=tmp_path / "download")
         assert "model.safetensors" in str(error.value) and "pinned" in str(error.value)
+        assert not (tmp_path / "download").exists()  # a download that fails its pin is not resumed from
+
+    def test_a_broken_hub_download_resumes_from_its_partial_file(self, tmp_path, monkeypatch):
+        """The hub is out of reach here: a stand-in for huggingface_hub.snapshot_download breaks off the first
+        download. The rerun must call the hub client on the same folder with the partial file still in it (the
+        client resumes its .incomplete files from there), and the result is verified against the pin."""
+        import huggingface_hub
+
+        from stages.fetch import download_dir_for, fetch
+
+        weights = bytes(range(256)) * 4
+        found = []
+
+        def snapshot_download(*, repo_id, revision, local_dir, token):
+            partial = Path(local_dir) / ".cache" / "huggingface" / "download" / "model.safetensors.incomplete"
+            found.append(partial.read_bytes() if partial.exists() else b"")
+            if not partial.exists():
+                partial.parent.mkdir(parents=True)
+                partial.write_bytes(weights[:400])
+                raise ConnectionError("connection reset by peer")
+            (Path(local_dir) / "model.safetensors").write_bytes(partial.read_bytes() + weights[400:])
+            partial.unlink()
+            return str(local_dir)
+
+        monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+        source, out = "hf://org/model@0123abc", tmp_path / "fetched"
+        pin = {"model.safetensors": hashlib.sha256(weights).hexdigest()}
+        for attempt in range(2):
+            with pytest.raises(ConnectionError) if attempt == 0 else contextlib.nullcontext():
+                with atomic_dir(out) as tmp:
+                    fetch(source=source, expected_sha256=pin, out_dir=tmp, download_dir=download_dir_for(out, source))
+        assert found == [b"", weights[:400]]  # the rerun found the broken download's partial file
+        assert (out / "model.safetensors").read_bytes() == weights
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["fetched"]  # no download folder once verified
 
     def test_pin_for_a_file_not_fetched(self, tmp_path, tiny_model_dir):
         from stages.fetch import fetch
@@ -208,7 +276,7 @@ class TestFetch:
         out = tmp_path / "out"
         out.mkdir()
         with pytest.raises(TunelineError, match="'weights.bin' was not fetched"):
-            fetch(source=f"file://{tiny_model_dir}", expected_sha256={"weights.bin": "0" * 64}, out_dir=out)
+            fetch(source=f"file://{tiny_model_dir}", expected_sha256={"weights.bin": "0" * 64}, out_dir=out, download_dir=tmp_path / "download")
 
     @pytest.mark.parametrize(
         "source, expected",
@@ -223,7 +291,7 @@ class TestFetch:
         from stages.fetch import fetch
 
         with pytest.raises(TunelineError) as error:
-            fetch(source=source, expected_sha256={}, out_dir=tmp_path)
+            fetch(source=source, expected_sha256={}, out_dir=tmp_path, download_dir=tmp_path / "download")
         assert expected in str(error.value)
         assert "fetch.source" in str(error.value)
 
@@ -268,7 +336,7 @@ class TestConvert:
 
         fetched = tmp_path / "fetched"
         fetched.mkdir()
-        manifest = fetch(source=f"file://{tiny_model_dir}", expected_sha256={}, out_dir=fetched)
+        manifest = fetch(source=f"file://{tiny_model_dir}", expected_sha256={}, out_dir=fetched, download_dir=tmp_path / "download")
         (fetched / "tuneline_manifest.json").write_text(json.dumps(manifest))
         weights = fetched / "model.safetensors"
         data = weights.read_bytes()
@@ -654,6 +722,16 @@ class TestTrain:
             self.run_train(tmp_path, tiny_model_dir, {**tiny_params["train"], key: value}, tiny_dataset_dir)
         assert f"train.{key}" in str(error.value) and value in str(error.value)
         assert list((tmp_path / "models").iterdir()) == []
+
+    def test_a_batch_too_big_for_memory_stops_before_loading_the_model(self, tmp_path, tiny_model_dir, tiny_params,
+                                                                        tiny_dataset_dir, monkeypatch):
+        import stages.train
+
+        monkeypatch.setattr(stages.train, "load_quantized_model", lambda *args: pytest.fail("model was loaded"))
+        with pytest.raises(TunelineError) as error:
+            self.run_train(tmp_path, tiny_model_dir, {**tiny_params["train"], "batch_size": 10**6}, tiny_dataset_dir)
+        assert str(error.value).startswith("params.yaml: train.batch_size: 1000000 sequences of ")
+        assert "tokens (the longest in train.parquet) need about " in str(error.value)
 
     def test_failure_during_training_leaves_no_scratch_dir(self, tmp_path, tiny_model_dir, tiny_params, tiny_dataset_dir,
                                                            monkeypatch):

@@ -1,7 +1,8 @@
 """The `tuneline` command.
 
-    tuneline check               validate params.yaml against the schema, every section, and that the
-                                 dataset's source files exist under data/sources/
+    tuneline check               validate params.yaml and the inputs without running anything heavy: every
+                                 section, the fetch source, the dataset's files under data/sources/, and (once
+                                 models/base exists) the LoRA target modules and training's memory needs
     tuneline dataset preview     the first rendered examples of each dataset source, trained tokens in ⟦ ⟧
     tuneline retrain [REPO_DIR]  run the Prefect retrain flow once (ephemeral Prefect unless PREFECT_API_URL is set)
     tuneline serve --cron CRON [REPO_DIR]
@@ -16,11 +17,15 @@ import sys
 from pathlib import Path
 
 from tuneline.errors import TunelineError
-from tuneline.params import PARAMS_FILE, SECTIONS, DatasetParams, load_section, read_params_file, validate_section
+from tuneline.params import (
+    PARAMS_FILE, SECTIONS, DatasetParams, TrainParams, load_section, read_params_file, validate_section,
+)
 
 
-def check(params_file: Path) -> None:
-    """Every section valid, and every dataset source file present: the mistakes found before `dvc repro`."""
+def check(params_file: Path, model_dir: Path) -> None:
+    """The mistakes found before `dvc repro`; each stage runs its own share of the same checks again."""
+    from stages.fetch import check_source
+
     params = read_params_file(params_file)
     unknown = sorted(set(params) - set(SECTIONS))
     if unknown:
@@ -28,8 +33,27 @@ def check(params_file: Path) -> None:
             f"{params_file}: unknown section(s) {', '.join(unknown)}; sections are: {', '.join(SECTIONS)}"
         )
     sections = {name: validate_section(name, params.get(name), params_file) for name in SECTIONS}
+    check_source(sections["fetch"].source)
     check_dataset_files(sections["dataset"], params_file.parent / "data" / "sources")
     print(f"{params_file}: ok ({', '.join(SECTIONS)})")
+    print(check_model_fit(sections["train"], sections["dataset"], model_dir))
+
+
+def check_model_fit(train: TrainParams, dataset: DatasetParams, model_dir: Path) -> str:
+    """LoRA targets present in the model's config, and training's memory estimate within what is free."""
+    if not (model_dir / "config.json").is_file():
+        return (f"{model_dir}: not converted yet; the train stage checks target modules and memory itself "
+                "(or run `dvc repro convert` and check again)")
+    from transformers import AutoConfig
+
+    from stages.train import check_target_modules, check_training_memory
+    from tuneline.modeling import available_memory, meta_model
+
+    shapes = meta_model(AutoConfig.from_pretrained(model_dir))
+    check_target_modules(shapes, train.target_modules)
+    needed = check_training_memory(shapes, train, dataset.max_length, "dataset.max_length")
+    return (f"{model_dir}: target modules present; training needs about {needed / 2**30:.1f} GiB at batch "
+            f"{train.batch_size} x {dataset.max_length} tokens, {available_memory() / 2**30:.1f} GiB is free")
 
 
 def check_dataset_files(dataset: DatasetParams, data_dir: Path) -> None:
@@ -46,6 +70,8 @@ def main(argv: list[str] | None = None) -> None:
     commands = parser.add_subparsers(dest="command", required=True)
     check_parser = commands.add_parser("check", help="validate params.yaml")
     check_parser.add_argument("--params", type=Path, default=PARAMS_FILE)
+    check_parser.add_argument("--model", type=Path, default=Path("models/base"),
+                              help="the converted base (default: the one the convert stage writes)")
     dataset_parser = commands.add_parser("dataset", help="look at the data as the model will see it")
     dataset_commands = dataset_parser.add_subparsers(dest="dataset_command", required=True)
     preview_parser = dataset_commands.add_parser("preview", help="render the first examples of every source")
@@ -67,7 +93,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     try:
         if args.command == "check":
-            check(args.params)
+            check(args.params, args.model)
         elif args.command == "dataset":
             from stages.dataset import preview
 

@@ -24,6 +24,15 @@ def device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def available_memory() -> int:
+    """Bytes free for training where it will run: the GPU's free memory, else the RAM not in use."""
+    if torch.cuda.is_available():
+        return torch.cuda.mem_get_info()[0]
+    import psutil
+
+    return psutil.virtual_memory().available
+
+
 @dataclass(frozen=True)
 class QuantSpec:
     """The 4-bit quantization the base was trained under (bitsandbytes' blocksize is fixed at 64)."""
@@ -84,11 +93,15 @@ def load_quantized_model(model_dir: Path, spec: QuantSpec) -> torch.nn.Module:
     return model
 
 
-def weight_bytes(config, dtype: str) -> int:
-    """What the model's weights take in `dtype`, counted on a meta-device model: no memory, no disk read."""
+def meta_model(config) -> torch.nn.Module:
+    """The model's modules and parameter shapes, on the meta device: no memory, no disk read."""
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
-    return sum(param.numel() for param in model.parameters()) * DTYPES[dtype].itemsize
+        return AutoModelForCausalLM.from_config(config)
+
+
+def weight_bytes(config, dtype: str) -> int:
+    """What the model's weights take in `dtype`."""
+    return sum(param.numel() for param in meta_model(config).parameters()) * DTYPES[dtype].itemsize
 
 
 def load_full_model(model_dir: Path, dtype: str = "float32") -> torch.nn.Module:
