@@ -197,7 +197,7 @@ def test_audit_of_an_unknown_target_is_one_line(two_versions, tmp_path):
         assert len(result.stderr.strip().splitlines()) == 1, result.stderr
 
 
-def test_no_secret_in_anything_the_runs_wrote(two_versions):
+def test_no_secret_in_anything_the_runs_wrote(two_versions, report):
     """The fake token was in every run's environment (the last run's only in a Prefect Secret block, and the
     flow found it there): no file of the repo, the DVC cache, the Prefect database (logs, artifacts) or the
     runs' debug-level output may contain it."""
@@ -212,7 +212,8 @@ def test_no_secret_in_anything_the_runs_wrote(two_versions):
     outputs = [*two_versions["logs"], history]
     hits += [f"run output {number}" for number, text in enumerate(outputs) if FAKE_TOKEN in text]
     scanned = len(files) + len(outputs)
-    print(f"secret scan: {scanned} files and outputs scanned, {len(hits)} containing the token")
+    report(f"secret scan: fake token planted in 3 flow runs (env, then a Prefect Secret block), debug logging; "
+           f"{scanned} files and outputs scanned, {len(hits)} containing the token")
     assert len(files) > 50 and any(path.name == "prefect.db" for path in files)
     assert hits == []
 

@@ -32,12 +32,13 @@ def append_comment(path: Path) -> None:
 
 
 def leftovers(repo: Path) -> list[str]:
-    """Temporary paths the stages create beside their outs; none may survive a run, failed or not."""
+    """Temporary paths the stages create beside their outs (temporaries, downloads waiting for their check,
+    train checkpoints); none may survive a run that completed or failed cleanly."""
     names = []
-    for folder in ("models", "data", "dvclive", "metrics", "eval"):
+    for folder in ("models", "data", "dvclive", "metrics", "eval", "checkpoints/train"):
         if (repo / folder).is_dir():
-            names += [str(p.relative_to(repo)) for p in (repo / folder).iterdir() if ".tmp-" in p.name
-                      or p.name.startswith("trainer-scratch-")]
+            names += [str(p.relative_to(repo)) for p in (repo / folder).iterdir()
+                      if ".tmp-" in p.name or ".download-" in p.name or folder == "checkpoints/train"]
     return names
 
 
@@ -87,7 +88,7 @@ def test_evaluate_param_change_reruns_only_evaluate(clean_pipeline_repo):
     assert ran == set(), ran.log
 
 
-def test_a_second_dvc_repro_started_meanwhile_stops_with_a_clear_message(clean_pipeline_repo, tmp_path):
+def test_a_second_dvc_repro_started_meanwhile_stops_with_a_clear_message(clean_pipeline_repo, tmp_path, report):
     """Two `dvc repro` at once: DVC's locks stop the second in seconds, and the first completes intact."""
     import subprocess
     import time
@@ -114,6 +115,8 @@ def test_a_second_dvc_repro_started_meanwhile_stops_with_a_clear_message(clean_p
     assert "Running stage" not in output
     assert dvc_status(clean_pipeline_repo) == {}
     assert leftovers(clean_pipeline_repo) == []
+    report("concurrent dvc repro: a second `dvc repro` started while the first ran evaluate stopped at once "
+           "with DVC's lock message, running nothing; the first completed, dvc status clean, no leftovers")
 
 
 def test_evaluate_code_change_reruns_only_evaluate(clean_pipeline_repo):

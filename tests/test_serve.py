@@ -95,7 +95,7 @@ def summary_of(api: httpx.Client, flow_run_id: str) -> str:
     return artifacts[0]["data"]
 
 
-def test_served_flow_runs_on_the_server_and_gates_promotion(prefect_server, tmp_path, tiny_params):
+def test_served_flow_runs_on_the_server_and_gates_promotion(prefect_server, tmp_path, tiny_params, report):
     api, env, server_log = prefect_server
     repo = make_pipeline_repo(tmp_path / "repo", tiny_params)
     serve_log = tmp_path / "serve.log"
@@ -140,6 +140,9 @@ def test_served_flow_runs_on_the_server_and_gates_promotion(prefect_server, tmp_
         assert "does not beat" in rejected["reason"] and "same eval split" in rejected["reason"]
         assert subprocess.run(["git", "cat-file", "-e", rejected["commit"]], cwd=repo).returncode == 0
         assert served.poll() is None, "the served process must keep waiting for scheduled runs"
+        report("concurrent flows: 2 retrain runs triggered at once on the Prefect server: one retrained "
+               "(rejected, commit kept), the other waited for the tuneline-retrain slot and found nothing changed; "
+               "registry.json intact with 2 decisions")
     finally:
         stop(served)
 
