@@ -16,8 +16,8 @@ import yaml
 from safetensors import safe_open
 
 from conftest import (
-    PROJECT, VENV_BIN, commit_all, describe, dvc, dvc_status, make_pipeline_repo, repro, run, subprocess_env,
-    write_params,
+    PROJECT, VENV_BIN, commit_all, describe, dvc, dvc_status, make_pipeline_repo, ran_stages, repro, run,
+    subprocess_env, write_params,
 )
 from tuneline.lineage import file_hashes
 
@@ -28,7 +28,7 @@ KILL_POINTS = [
     ("fetch", "os:sendfile:3", "copying the second downloaded file"),
     ("fetch", "tuneline.artifacts:write_json:1", "writing the fetch manifest"),
     ("convert", "tuneline.artifacts:TensorWriter._flush:2", "writing the second shard"),
-    ("convert", "tuneline.artifacts:replace_path:2", "between moving its two outs into place"),
+    ("convert", "tuneline.artifacts:replace_path:2", "moving its two outs into place, after the first"),
     ("dataset", "pandas:DataFrame.to_parquet:2", "writing the eval split"),
     ("train", "transformers.trainer:Trainer.training_step:3", "training, at step 3"),
     ("train", "transformers.trainer:Trainer._save_rng_state:1", "saving a checkpoint"),
@@ -136,13 +136,16 @@ def test_a_stage_killed_anywhere_leaves_every_out_absent_or_complete(fault_repo,
         # dvc status tells the truth: every stage with a missing out is reported as changed.
         truthful = all(name in status for name, paths in outs.items() if set(paths) & set(absent))
         recovered = dvc(fault_repo, "repro")
+        log = recovered.stdout + recovered.stderr
+        how = ("restored from the run-cache" if "is cached - skipping run" in log
+               else f"ran {', '.join(sorted(ran_stages(recovered)))}")
         after_absent, after_corrupted, after_status = inspect(fault_repo)
         ok = (not corrupted and truthful and recovered.returncode == 0 and not after_absent
               and not after_corrupted and after_status == {})
         survived += ok
         lines.append(f"  {stage}: killed while {doing}: absent after the kill: {', '.join(absent) or 'none'}; "
                      f"corrupted: {len(corrupted)}; dvc status {'truthful' if truthful else 'WRONG'}; "
-                     f"next dvc repro {'completed' if recovered.returncode == 0 else 'FAILED'}"
+                     f"next dvc repro {'completed' if recovered.returncode == 0 else 'FAILED'} ({how})"
                      + ("" if ok else f"\n    {corrupted + after_corrupted} {after_absent} {after_status}\n"
                                       f"    {describe(recovered, 2000)}"))
     report("\n".join([f"kill at every stage: {injected} faults injected, {survived} survived, "
