@@ -293,6 +293,8 @@ def main() -> None:
             )
         write_json(metrics_file, metrics)
     shutil.rmtree(run_dir, ignore_errors=True)  # the run is finished: its checkpoints are of no more use
+    if checkpoints_dir.is_dir() and not any(checkpoints_dir.iterdir()):
+        checkpoints_dir.rmdir()
     print(f"train: loss {metrics['first_loss']} -> {metrics['final_loss']} in {metrics['steps']} steps "
           f"({metrics['seconds_per_step']} s/step on {metrics['device']})")
 

@@ -2,7 +2,8 @@
 
 Every knob lives in params.yaml (one top-level section per stage, named after it); a stage reads its
 section through `load_section`, so a typo or a wrong type stops the stage before any work with one line
-such as ``params.yaml: train.lora_r: expected an integer, got 'sixteen'``.
+such as ``params.yaml: train.lora_r: input should be a valid integer, unable to parse string as an integer
+(got 'sixteen')``.
 """
 
 import re
