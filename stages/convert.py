@@ -12,8 +12,10 @@ Safetensors and .bin checkpoints are streamed tensor by tensor; a GGUF file is d
 """
 
 import json
+import struct
 import sys
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -128,8 +130,8 @@ def read_gguf(path: Path) -> tuple[PretrainedConfig, object, Iterator[tuple[str,
     try:
         tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
         model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
-    except (ValueError, OSError, KeyError) as error:
-        raise TunelineError(f"convert: {path} could not be read as GGUF: {error}") from None
+    except (ValueError, OSError, KeyError, struct.error) as error:  # struct.error: cut short in its header
+        raise TunelineError(f"convert: {path} could not be read as GGUF: {error or type(error).__name__}") from None
     # save_pretrained refuses a GGUF-loaded model; its weights are plain tensors once dequantized, so
     # the config is saved without the GGUF quantization entry and the tensors are written by us.
     config = model.config
@@ -182,15 +184,34 @@ def read_meta(src_dir: Path, shards: list[Path]) -> tuple[PretrainedConfig, obje
         rope_theta=params.get("rope_theta", 10000.0),
         tie_word_embeddings=False,
     )
+    advice = "copy the checkpoint's own tokenizer.model there"
     try:
         # from_pretrained reads tokenizer.model through sentencepiece + protobuf; in transformers 5 the
         # vocab_file= constructor ignores the file and builds an empty tokenizer without a word.
-        tokenizer = LlamaTokenizer.from_pretrained(src_dir)
-    except (ValueError, OSError) as error:
+        with quiet_transformers():
+            tokenizer = LlamaTokenizer.from_pretrained(src_dir)
+    except (ValueError, OSError):  # transformers' own message suggests installing tiktoken: not the cause
         raise TunelineError(
-            f"convert: {src_dir / 'tokenizer.model'} is not a readable SentencePiece model: {error}"
+            f"convert: {src_dir / 'tokenizer.model'} is not a readable SentencePiece model; {advice}"
         ) from None
+    if not tokenizer("hello world", add_special_tokens=False)["input_ids"]:  # an empty file reads as 3 tokens
+        raise TunelineError(
+            f"convert: {src_dir / 'tokenizer.model'} encodes no text (it holds {len(tokenizer)} tokens); {advice}"
+        )
     return config, tokenizer, iter_meta_tensors(state, n_heads, n_kv_heads)
+
+
+@contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """Keep transformers' warnings about a file it cannot read off stderr: the stage says it in one line."""
+    from transformers.utils import logging
+
+    verbosity = logging.get_verbosity()
+    logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        logging.set_verbosity(verbosity)
 
 
 def merge_meta_parts(name: str, parts: list[torch.Tensor]) -> torch.Tensor:

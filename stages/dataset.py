@@ -137,10 +137,7 @@ def read_file_rows(index: int, source: Source, path: Path) -> Iterator[Row]:
     """The rows of one file: JSONL (a line each), a JSON array, CSV or parquet."""
     try:
         if path.suffix == ".jsonl":
-            with path.open(encoding="utf-8") as lines:
-                for number, line in enumerate(lines, start=1):
-                    if line.strip():
-                        yield parse_json_row(f"{path}:{number}", line)
+            yield from jsonl_rows(path)
         elif path.suffix == ".json":
             yield from json_array_rows(path)
         else:
@@ -149,6 +146,22 @@ def read_file_rows(index: int, source: Source, path: Path) -> Iterator[Row]:
             yield from table_rows(str(path), table)
     except UnicodeDecodeError as error:
         raise TunelineError(f"{path}: not UTF-8 text (byte {error.start}); save it as UTF-8") from None
+
+
+def jsonl_rows(path: Path) -> Iterator[Row]:
+    """One row per line, decoded line by line so that a bad byte is reported at its line and file offset."""
+    offset = 0
+    with path.open("rb") as lines:
+        for number, raw in enumerate(lines, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as error:
+                raise TunelineError(
+                    f"{path}:{number}: not UTF-8 text (byte {offset + error.start}); save it as UTF-8"
+                ) from None
+            offset += len(raw)
+            if line.strip():
+                yield parse_json_row(f"{path}:{number}", line)
 
 
 def json_array_rows(path: Path) -> Iterator[Row]:
