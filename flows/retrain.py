@@ -69,6 +69,18 @@ def commit_run(repo_dir: Path, message: str) -> str | None:
     return run_git(repo_dir, "rev-parse", "HEAD").strip()
 
 
+@task(retries=3, retry_delay_seconds=[10, 60, 300])
+def push_artifacts(repo_dir: Path) -> str:
+    """Push the run's artifacts to the default DVC remote, when one is configured, so that other machines
+    `dvc pull` them at the run's commit; say what happened."""
+    with Repo(str(repo_dir)) as repo:
+        remote = repo.config["core"].get("remote")
+        if not remote:
+            return "no default DVC remote: artifacts stay in this machine's cache (README: Sharing artifacts)"
+        pushed = repo.push()
+    return f"pushed {pushed} file(s) to the DVC remote '{remote}'"
+
+
 def run_git(repo_dir: Path, *args: str) -> str:
     output = git(repo_dir, *args)
     if output is None:
@@ -232,6 +244,7 @@ def retrain(repo_dir: Path = Path("."), commit: bool = True) -> dict:
         record = read_json(repo_dir / LINEAGE_FILE)
         # Also when nothing ran: a run made by hand with `dvc repro` and not yet committed gets its commit.
         run_commit = commit_run(repo_dir, f"retrain: ran {', '.join(ran) or 'nothing'}") if commit else None
+        logger.info(push_artifacts(repo_dir))
         decision = already_decided(repo_dir, record["artifacts"][MODEL_PATH]["sha256"])
         if decision:
             seconds = time.perf_counter() - started
