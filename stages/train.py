@@ -64,15 +64,17 @@ class LiveLossCurve(TrainerCallback):
             self.live.log_metric("learning_rate", logs["learning_rate"])
 
 
+def linear_layers(model: torch.nn.Module) -> dict[str, torch.nn.Linear]:
+    """The linear layers LoRA may target (every one but the output head), by their full module name."""
+    return {name: module for name, module in model.named_modules()
+            if isinstance(module, torch.nn.Linear) and name != "lm_head"}
+
+
 def check_target_modules(model: torch.nn.Module, target_modules: list[str] | str) -> None:
     """Fail early, naming the module, when a LoRA target matches no linear layer of the model."""
     if target_modules == "all-linear":
         return
-    linear_names = {
-        name.rsplit(".", 1)[-1]
-        for name, module in model.named_modules()
-        if isinstance(module, torch.nn.Linear) and name != "lm_head"
-    }
+    linear_names = {name.rsplit(".", 1)[-1] for name in linear_layers(model)}
     for target in target_modules:
         if target not in linear_names:
             raise TunelineError(
@@ -92,8 +94,7 @@ def training_memory_bytes(model: torch.nn.Module, params: TrainParams, seq_len: 
     """
     config = model.config
     compute_bytes = DTYPES[params.compute_dtype].itemsize
-    linears = {name: module for name, module in model.named_modules()
-               if isinstance(module, torch.nn.Linear) and name != "lm_head"}
+    linears = linear_layers(model)
     targeted = [module for name, module in linears.items()
                 if params.target_modules == "all-linear" or name.rsplit(".", 1)[-1] in params.target_modules]
     linear_params = sum(module.weight.numel() for module in linears.values())
