@@ -155,7 +155,8 @@ def keep_adapters_in_compute_dtype(model: torch.nn.Module, compute_dtype: str) -
             param.data = param.data.to(DTYPES[compute_dtype])
 
 
-# Written last into a checkpoint by the trainer: a checkpoint without it was cut short by a kill.
+# What a resume needs from a checkpoint; the trainer writes trainer_state.json last, so a checkpoint a kill
+# cut short lacks it.
 CHECKPOINT_FILES = ("adapter_model.safetensors", "optimizer.pt", "scheduler.pt", "rng_state.pth")
 TRAINER_STATE = "trainer_state.json"
 
