@@ -38,7 +38,7 @@ from tuneline.errors import TunelineError, exit_on_error
 import tuneline
 from tuneline.lineage import ADAPTER_LINEAGE_FILE, BASE_SOURCE_FILE, LINEAGE_FILE, tree_sha256
 from tuneline.modeling import (
-    DTYPES, QuantSpec, available_memory, load_quantized_model, load_tokenizer, meta_model, read_split,
+    DTYPES, QuantSpec, available_memory, linear_layers, load_quantized_model, load_tokenizer, meta_model, read_split,
 )
 from tuneline.params import TrainParams, load_section
 
@@ -62,12 +62,6 @@ class LiveLossCurve(TrainerCallback):
             self.live.step = state.global_step
             self.live.log_metric("loss", logs["loss"])
             self.live.log_metric("learning_rate", logs["learning_rate"])
-
-
-def linear_layers(model: torch.nn.Module) -> dict[str, torch.nn.Linear]:
-    """The linear layers LoRA may target (every one but the output head), by their full module name."""
-    return {name: module for name, module in model.named_modules()
-            if isinstance(module, torch.nn.Linear) and name != "lm_head"}
 
 
 def check_target_modules(model: torch.nn.Module, target_modules: list[str] | str) -> None:

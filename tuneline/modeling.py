@@ -99,6 +99,14 @@ def meta_model(config) -> torch.nn.Module:
         return AutoModelForCausalLM.from_config(config)
 
 
+def linear_layers(model: torch.nn.Module) -> dict[str, torch.nn.Linear]:
+    """The linear layers, by full module name, that 4-bit loading quantizes and LoRA may target: every one but
+    the output head (transformers keeps it in the compute dtype)."""
+    head = model.get_output_embeddings()
+    return {name: module for name, module in model.named_modules()
+            if isinstance(module, torch.nn.Linear) and module is not head}
+
+
 def weight_bytes(config, dtype: str) -> int:
     """What the model's weights take in `dtype`."""
     return sum(param.numel() for param in meta_model(config).parameters()) * DTYPES[dtype].itemsize
