@@ -8,7 +8,9 @@ the config and the weights in `convert.dtype` as shards of at most `convert.max_
 `convert.write_pth` also one torch state dict, `model.pth`) to OUT_DIR, and the tokenizer with its chat
 template to TOKENIZER_DIR: a separate output, so that the dataset stage reruns when the tokenizer changes
 and not when only the weights do.
-Safetensors and .bin checkpoints are streamed tensor by tensor; a GGUF file is dequantized whole.
+Safetensors, .bin and Meta .pth checkpoints are streamed tensor by tensor (tuneline.tensor_io): whatever the
+model's size, the stage holds a few tensors at a time. A GGUF file is dequantized whole by transformers, and
+`convert.write_pth` holds the whole model too.
 """
 
 import json
@@ -16,17 +18,18 @@ import struct
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaConfig, PretrainedConfig
 
-from tuneline.artifacts import TensorWriter, atomic_dir, check_free_space, parse_size, sha256_file, write_json
+from tuneline.artifacts import atomic_dir, check_free_space, parse_size, sha256_file, write_json
 from tuneline.errors import TunelineError, exit_on_error
 from tuneline.lineage import BASE_SOURCE_FILE, FETCH_MANIFEST, file_hashes, source_revision
 from tuneline.modeling import DTYPES, weight_bytes
 from tuneline.params import ConvertParams, load_section
+from tuneline.tensor_io import LazyTensor, in_memory, read_safetensors, read_torch_file, write_safetensors
 
 PTH_FILE = "model.pth"
 # Meta checkpoint names -> Hugging Face Llama names; {i} is the layer index.
@@ -75,17 +78,13 @@ def convert(
     check_free_space(out_dir, weight_bytes(config, dtype) * (2 if write_pth else 1))
     config.save_pretrained(out_dir)
     tokenizer.save_pretrained(tokenizer_dir)
-    state_dict_for_pth = {}
-    with TensorWriter(out_dir, max_shard_size) as writer:
-        for name, tensor in tensors:
-            if name == "lm_head.weight" and config.tie_word_embeddings:
-                continue  # tied to the embeddings; safetensors stores each tensor once
-            tensor = tensor.to(DTYPES[dtype])
-            writer.save_tensor(name, tensor)
-            if write_pth:
-                state_dict_for_pth[name] = tensor
+    if config.tie_word_embeddings:
+        tensors.pop("lm_head.weight", None)  # tied to the embeddings; safetensors stores each tensor once
+    shapes = {name: tensor.shape for name, tensor in tensors.items()}
+    loaded = ((name, tensor.load()) for name, tensor in tensors.items())
+    write_safetensors(out_dir, shapes, loaded, DTYPES[dtype], max_shard_size, description="convert: writing")
     if write_pth:
-        torch.save(state_dict_for_pth, out_dir / PTH_FILE)
+        torch.save({name: tensor.load().to(DTYPES[dtype]) for name, tensor in tensors.items()}, out_dir / PTH_FILE)
     write_json(out_dir / BASE_SOURCE_FILE, base_source(src_dir, source_format, dtype))
     return source_format
 
@@ -125,7 +124,7 @@ def base_source(src_dir: Path, source_format: str, dtype: str) -> dict:
             "format": source_format, "dtype": dtype}
 
 
-def read_gguf(path: Path) -> tuple[PretrainedConfig, object, Iterator[tuple[str, torch.Tensor]]]:
+def read_gguf(path: Path) -> tuple[PretrainedConfig, object, dict[str, LazyTensor]]:
     """Dequantize a GGUF file through transformers, which refuses to save such a model directly."""
     try:
         tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
@@ -136,32 +135,22 @@ def read_gguf(path: Path) -> tuple[PretrainedConfig, object, Iterator[tuple[str,
     # the config is saved without the GGUF quantization entry and the tensors are written by us.
     config = model.config
     del config.quantization_config
-    return config, tokenizer, iter(model.state_dict().items())
+    return config, tokenizer, {name: in_memory(tensor) for name, tensor in model.state_dict().items()}
 
 
-def read_hf_dir(src_dir: Path) -> tuple[PretrainedConfig, object, Iterator[tuple[str, torch.Tensor]]]:
+def read_hf_dir(src_dir: Path) -> tuple[PretrainedConfig, object, dict[str, LazyTensor]]:
     config = AutoConfig.from_pretrained(src_dir)
     tokenizer = AutoTokenizer.from_pretrained(src_dir)
     shards = sorted(src_dir.glob("*.safetensors")) or sorted(src_dir.glob("pytorch_model*.bin"))
     if not shards:
         raise TunelineError(f"convert: {src_dir} has config.json but no *.safetensors or pytorch_model*.bin")
-    return config, tokenizer, iter_shards(shards)
-
-
-def iter_shards(shards: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield tensors one at a time, holding at most one tensor (safetensors) or one mmapped shard (.bin)."""
+    tensors: dict[str, LazyTensor] = {}
     for shard in shards:
-        if shard.suffix == ".safetensors":
-            with safe_open(shard, framework="pt") as file:
-                for name in file.keys():
-                    yield name, file.get_tensor(name)
-        else:
-            state_dict = torch.load(shard, map_location="cpu", mmap=True, weights_only=True)
-            yield from state_dict.items()
-            del state_dict
+        tensors.update(read_safetensors(shard) if shard.suffix == ".safetensors" else read_torch_file(shard))
+    return config, tokenizer, tensors
 
 
-def read_meta(src_dir: Path, shards: list[Path]) -> tuple[PretrainedConfig, object, Iterator]:
+def read_meta(src_dir: Path, shards: list[Path]) -> tuple[PretrainedConfig, object, dict[str, LazyTensor]]:
     """Read a Meta-style checkpoint: params.json, tokenizer.model and consolidated.NN.pth shards."""
     from transformers import LlamaTokenizer
 
@@ -169,7 +158,7 @@ def read_meta(src_dir: Path, shards: list[Path]) -> tuple[PretrainedConfig, obje
         if not (src_dir / required).exists():
             raise TunelineError(f"convert: {src_dir / required} is missing; a Meta checkpoint needs it")
     params = json.loads((src_dir / "params.json").read_text())
-    parts = [torch.load(shard, map_location="cpu", mmap=True, weights_only=True) for shard in shards]
+    parts = [read_torch_file(shard) for shard in shards]
     state = {name: merge_meta_parts(name, [part[name] for part in parts]) for name in parts[0]}
     n_heads = params["n_heads"]
     n_kv_heads = params.get("n_kv_heads") or n_heads
@@ -198,7 +187,7 @@ def read_meta(src_dir: Path, shards: list[Path]) -> tuple[PretrainedConfig, obje
         raise TunelineError(
             f"convert: {src_dir / 'tokenizer.model'} encodes no text (it holds {len(tokenizer)} tokens); {advice}"
         )
-    return config, tokenizer, iter_meta_tensors(state, n_heads, n_kv_heads)
+    return config, tokenizer, hf_named_meta_tensors(state, n_heads, n_kv_heads)
 
 
 @contextmanager
@@ -214,13 +203,19 @@ def quiet_transformers() -> Iterator[None]:
         logging.set_verbosity(verbosity)
 
 
-def merge_meta_parts(name: str, parts: list[torch.Tensor]) -> torch.Tensor:
-    if len(parts) == 1 or parts[0].dim() == 1:
+def merge_meta_parts(name: str, parts: list[LazyTensor]) -> LazyTensor:
+    """One tensor from its model-parallel slices, concatenated when it is read."""
+    if len(parts) == 1 or len(parts[0].shape) == 1:
         return parts[0]
-    return torch.cat(parts, dim=1 if any(key in name for key in META_CONCAT_DIM1) else 0)
+    dim = 1 if any(key in name for key in META_CONCAT_DIM1) else 0
+    shape = list(parts[0].shape)
+    shape[dim] = sum(part.shape[dim] for part in parts)
+    return LazyTensor(tuple(shape), parts[0].dtype, lambda: torch.cat([part.load() for part in parts], dim=dim))
 
 
-def iter_meta_tensors(state: dict, n_heads: int, n_kv_heads: int) -> Iterator[tuple[str, torch.Tensor]]:
+def hf_named_meta_tensors(state: dict[str, LazyTensor], n_heads: int, n_kv_heads: int) -> dict[str, LazyTensor]:
+    """The Meta tensors under Hugging Face names, the query and key rows permuted as they are read."""
+    renamed = {}
     for meta_name, tensor in state.items():
         if "rope.freqs" in meta_name:
             continue  # recomputed by the model
@@ -228,12 +223,15 @@ def iter_meta_tensors(state: dict, n_heads: int, n_kv_heads: int) -> Iterator[tu
         if meta_name.startswith("layers."):
             layer = meta_name.split(".")[1]
             pattern = meta_name.replace(f"layers.{layer}.", "layers.{i}.", 1)
-        hf_name = META_TO_HF[pattern].format(i=layer)
-        if pattern.endswith("wq.weight"):
-            tensor = permute_rotary(tensor, n_heads)
-        elif pattern.endswith("wk.weight"):
-            tensor = permute_rotary(tensor, n_kv_heads)
-        yield hf_name, tensor
+        if pattern.endswith(("wq.weight", "wk.weight")):
+            heads = n_heads if pattern.endswith("wq.weight") else n_kv_heads
+            tensor = LazyTensor(tensor.shape, tensor.dtype, partial(permuted_rotary, tensor, heads))
+        renamed[META_TO_HF[pattern].format(i=layer)] = tensor
+    return renamed
+
+
+def permuted_rotary(tensor: LazyTensor, n_heads: int) -> torch.Tensor:
+    return permute_rotary(tensor.load(), n_heads)
 
 
 def permute_rotary(weight: torch.Tensor, n_heads: int) -> torch.Tensor:

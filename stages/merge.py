@@ -7,6 +7,11 @@ that exact quantization (the spec saved beside the adapter), dequantizes every q
 scale * B @ A in fp32 where an adapter exists, and casts to `merge.dtype`. The result loads with plain
 `AutoModelForCausalLM.from_pretrained`, no peft, no bitsandbytes.
 
+It streams: each base tensor is read, quantized with bitsandbytes exactly as 4-bit loading did for training,
+dequantized, merged, cast and written before the next is read (tuneline.tensor_io), so the merge holds a few
+tensors and the adapter, whatever the model's size. The fidelity check that follows loads the QLoRA model and
+the merged one, and the two usual merges.
+
 The merged directory carries its own lineage (lineage.json, and the same facts in every safetensors
 header) and a Hugging Face model card (README.md): base, data, params, code version, fidelity.
 
@@ -16,6 +21,7 @@ peft's merge_and_unload into the 4-bit model (re-quantizes the sum) and into the
 """
 
 import json
+import math
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,72 +29,91 @@ from pathlib import Path
 import bitsandbytes as bnb
 import torch
 from peft import PeftModel
-from peft.tuners.lora import LoraLayer
-from transformers import AutoModelForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM
 
-from tuneline.artifacts import TensorWriter, atomic_dir, check_free_space, parse_size, write_json
-from tuneline.errors import exit_on_error
+from tuneline.artifacts import atomic_dir, check_free_space, parse_size, write_json
+from tuneline.errors import TunelineError, exit_on_error
 from tuneline.lineage import (
     ADAPTER_LINEAGE_FILE, LINEAGE_FILE, METADATA_KEY, code_version, file_hashes, tree_sha256, utc_now,
 )
 from tuneline.modeling import (
-    DTYPES, QuantSpec, load_full_model, load_quantized_model, load_tokenizer, pad_batch, read_split, weight_bytes,
+    DTYPES, QuantSpec, device, linear_layers, load_full_model, load_quantized_model, load_tokenizer,
+    meta_model, pad_batch, read_split, weight_bytes,
 )
 from tuneline.params import MergeParams, load_section
+from tuneline.tensor_io import LazyTensor, read_checkpoint, read_safetensors, write_safetensors
+
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
 
-def dequantize(layer: bnb.nn.Linear4bit) -> torch.Tensor:
-    return bnb.functional.dequantize_4bit(layer.weight.data, layer.weight.quant_state).to(torch.float32)
+def lora_factors(adapter_dir: Path) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
+    """For each adapted weight, by its base tensor name: LoRA's A and B in fp32 and the scale, alpha/r (or
+    alpha/sqrt(r) with rsLoRA) as peft computes it."""
+    config = json.loads((adapter_dir / "adapter_config.json").read_text())
+    tensors = read_safetensors(adapter_dir / ADAPTER_WEIGHTS)
+    factors = {}
+    for key, lora_a in tensors.items():
+        if ".lora_A." not in key:
+            continue
+        module = key.removeprefix("base_model.model.").split(".lora_A.")[0]
+        rank = lora_a.shape[0]
+        scale = config["lora_alpha"] / (math.sqrt(rank) if config.get("use_rslora") else rank)
+        lora_b = tensors[key.replace(".lora_A.", ".lora_B.")]
+        factors[f"{module}.weight"] = (lora_a.load().float(), lora_b.load().float(), scale)
+    return factors
 
 
-def lora_delta(layer: LoraLayer) -> torch.Tensor:
-    """scale * B @ A in fp32, scale being alpha/r (or alpha/sqrt(r) with rsLoRA), as peft computes it."""
-    lora_a = layer.lora_A["default"].weight.to(torch.float32)
-    lora_b = layer.lora_B["default"].weight.to(torch.float32)
-    return (lora_b @ lora_a) * layer.scaling["default"]
+def dequantized_nf4(weight: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """The weight the QLoRA model computed with: quantized as 4-bit loading quantizes it (from the compute
+    dtype, in bitsandbytes' default blocks), dequantized to the compute dtype, in fp32."""
+    weight = weight.to(device(), DTYPES[spec.compute_dtype])
+    packed, state = bnb.functional.quantize_4bit(
+        weight, compress_statistics=spec.double_quant, quant_type=spec.quant_type
+    )
+    return bnb.functional.dequantize_4bit(packed, state).to(torch.float32)
 
 
-def merged_tensors(qlora_model: PeftModel) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield every weight of the merged model in fp32, under the base model's own tensor names.
+def merged_tensors(
+    base: dict[str, LazyTensor], quantized: set[str], factors: dict, spec: QuantSpec
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield every weight of the merged model in fp32, in the base checkpoint's order, one at a time.
 
-    Quantized layers without an adapter are dequantized too: the trained model computed with those
-    dequantized weights, not with the originals.
+    Quantized weights without an adapter are dequantized too: the trained model computed with those
+    dequantized weights, not with the originals. The rest were loaded in the compute dtype, and stay so.
     """
-    base = qlora_model.get_base_model()
-    tied = base.config.tie_word_embeddings
-    lora_prefixes: list[str] = []
-    for name, module in base.named_modules():
-        if any(name.startswith(prefix) for prefix in lora_prefixes):
-            continue  # the adapter's own sub-modules and its wrapped base layer
-        if isinstance(module, LoraLayer):
-            lora_prefixes.append(name + ".")
-            layer = module.get_base_layer()
-            yield f"{name}.weight", dequantize(layer) + lora_delta(module)
-            if layer.bias is not None:
-                yield f"{name}.bias", layer.bias.to(torch.float32)
-        elif isinstance(module, bnb.nn.Linear4bit):
-            yield f"{name}.weight", dequantize(module)
-            if module.bias is not None:
-                yield f"{name}.bias", module.bias.to(torch.float32)
+    for name, lazy in base.items():
+        if name in quantized:
+            weight = dequantized_nf4(lazy.load(), spec)
+            if name in factors:
+                lora_a, lora_b, scale = factors[name]
+                weight += (lora_b.to(weight.device) @ lora_a.to(weight.device)) * scale
         else:
-            for param_name, param in module.named_parameters(recurse=False):
-                if tied and f"{name}.{param_name}" == "lm_head.weight":
-                    continue
-                yield f"{name}.{param_name}", param.detach().to(torch.float32)
+            weight = lazy.load().to(device(), DTYPES[spec.compute_dtype]).to(torch.float32)
+        yield name, weight.cpu()
 
 
 def write_merged_model(
-    qlora_model: PeftModel, tokenizer, out_dir: Path, dtype: str, max_shard_size: int, lineage: dict
+    base_dir: Path, adapter_dir: Path, tokenizer, out_dir: Path, dtype: str, max_shard_size: int, lineage: dict
 ) -> None:
-    config = qlora_model.get_base_model().config.__class__.from_dict(qlora_model.get_base_model().config.to_dict())
-    del config.quantization_config
+    """Stream the dequantize-then-merge model into `out_dir`: config, tokenizer and safetensors shards."""
+    spec = QuantSpec.load(adapter_dir)
+    config = AutoConfig.from_pretrained(base_dir)
+    base = read_checkpoint(base_dir)
+    if config.tie_word_embeddings:
+        base.pop("lm_head.weight", None)  # tied to the embeddings; safetensors stores each tensor once
+    quantized = {f"{name}.weight" for name in linear_layers(meta_model(config))}
+    factors = lora_factors(adapter_dir)
+    unmatched = sorted(set(factors) - quantized)
+    if unmatched:
+        raise TunelineError(f"{adapter_dir}: adapter weights for {', '.join(unmatched[:3])} match no quantized "
+                            f"linear layer of {base_dir}; was it trained on this base?")
     config.dtype = dtype
     config.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     metadata = {"format": "pt", METADATA_KEY: json.dumps(lineage)}  # a copied shard still says where it came from
-    with TensorWriter(out_dir, max_shard_size, metadata) as writer:
-        for name, tensor in merged_tensors(qlora_model):
-            writer.save_tensor(name, tensor.to(DTYPES[dtype]))
+    shapes = {name: tensor.shape for name, tensor in base.items()}
+    write_safetensors(out_dir, shapes, merged_tensors(base, quantized, factors, spec), DTYPES[dtype],
+                      max_shard_size, metadata, description="merge: writing")
 
 
 @torch.no_grad()
@@ -120,11 +145,11 @@ def merge(*, base_dir: Path, adapter_dir: Path, dataset_dir: Path, params: Merge
     """Write the dequantize-then-merge model to `out_dir` and return the fidelity metrics."""
     spec = QuantSpec.load(adapter_dir)
     tokenizer = load_tokenizer(dataset_dir / "tokenizer")  # the training tokenizer, pad token included
-    qlora_model = PeftModel.from_pretrained(load_quantized_model(base_dir, spec), adapter_dir).eval()
     max_shard_size = parse_size(params.max_shard_size, "merge.max_shard_size")
-    check_free_space(out_dir, weight_bytes(qlora_model.get_base_model().config, params.dtype))
+    check_free_space(out_dir, weight_bytes(AutoConfig.from_pretrained(base_dir), params.dtype))
     lineage = merged_lineage(adapter_dir, params)
-    write_merged_model(qlora_model, tokenizer, out_dir, params.dtype, max_shard_size, lineage)
+    write_merged_model(base_dir, adapter_dir, tokenizer, out_dir, params.dtype, max_shard_size, lineage)
+    qlora_model = PeftModel.from_pretrained(load_quantized_model(base_dir, spec), adapter_dir).eval()
     candidates = {
         # What was written, loaded the plain way (no peft, no bitsandbytes), computed in fp32.
         "ours": AutoModelForCausalLM.from_pretrained(out_dir, dtype=torch.float32, device_map={"": qlora_model.device}),

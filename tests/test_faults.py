@@ -27,13 +27,13 @@ FAULTS_DIR = PROJECT / "tests" / "faults"
 KILL_POINTS = [
     ("fetch", "os:sendfile:3", "copying the second downloaded file"),
     ("fetch", "tuneline.artifacts:write_json:1", "writing the fetch manifest"),
-    ("convert", "tuneline.artifacts:TensorWriter._flush:2", "writing the second shard"),
+    ("convert", "tuneline.tensor_io:ShardedSafetensorsWriter._close_shard:2", "finishing the second shard"),
     ("convert", "tuneline.artifacts:replace_path:2", "moving its two outs into place, after the first"),
     ("dataset", "pandas:DataFrame.to_parquet:2", "writing the eval split"),
     ("train", "transformers.trainer:Trainer.training_step:3", "training, at step 3"),
     ("train", "transformers.trainer:Trainer._save_rng_state:1", "saving a checkpoint"),
-    ("merge", "tuneline.artifacts:TensorWriter.save_tensor:5", "merging, at the fifth tensor"),
-    ("merge", "tuneline.artifacts:TensorWriter._flush:2", "writing the second shard"),
+    ("merge", "tuneline.tensor_io:ShardedSafetensorsWriter.write:5", "merging, at the fifth tensor"),
+    ("merge", "tuneline.tensor_io:ShardedSafetensorsWriter._open_shard:2", "starting the second shard"),
     ("evaluate", "tuneline.artifacts:write_json:2", "writing metrics"),
     ("lineage", "tuneline.artifacts:write_json:1", "writing lineage.json"),
 ]

@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoConfig
 
 from conftest import PROJECT, write_tiny_sources
-from tuneline.artifacts import TensorWriter, atomic_dir, atomic_file, parse_size
+from tuneline.artifacts import atomic_dir, atomic_file, parse_size
 from tuneline.errors import TunelineError
 from tuneline.params import (
     MergeParams, TrainParams, load_section, read_params_file, validate_section,
@@ -389,6 +389,25 @@ class TestConvert:
             AutoTokenizer.from_pretrained(tiny_model_dir).apply_chat_template(messages, tokenize=False)
         )
 
+    def test_sharded_bin_checkpoint_converts_bit_for_bit(self, tmp_path, tiny_model_dir):
+        """pytorch_model-0000N-of-0000M.bin shards (read lazily, never unpickled whole) give the same weights."""
+        from stages.convert import convert
+
+        src = tmp_path / "bin"
+        shutil.copytree(tiny_model_dir, src, ignore=shutil.ignore_patterns("*.safetensors*"))
+        source = load_file(tiny_model_dir / "model.safetensors")
+        names = list(source)
+        halves = [names[: len(names) // 2], names[len(names) // 2 :]]
+        for index, half in enumerate(halves):
+            torch.save({name: source[name] for name in half}, src / f"pytorch_model-{index + 1:05d}-of-00002.bin")
+        out = tmp_path / "base"
+        out.mkdir()
+        assert convert(src_dir=src, out_dir=out, tokenizer_dir=tmp_path / "tokenizer", dtype="float32",
+                       max_shard_size=2 * 10**9, write_pth=False) == "huggingface"
+        converted = load_file(out / "model.safetensors")
+        assert list(converted) == names
+        assert all(torch.equal(converted[name], tensor) for name, tensor in source.items())
+
     def test_small_shards_and_pth(self, tmp_path, tiny_model_dir):
         from stages.convert import PTH_FILE, convert
 
@@ -485,18 +504,20 @@ class TestConvert:
         Checked below read_meta, so the tensors alone are compared with the Hugging Face weights, bit for
         bit (tests/test_convert_meta.py runs the whole conversion with a real SentencePiece tokenizer).
         """
-        from stages.convert import iter_meta_tensors, merge_meta_parts
+        from stages.convert import hf_named_meta_tensors, merge_meta_parts
+        from tuneline.tensor_io import read_torch_file
 
         params = json.loads((meta_checkpoint / "params.json").read_text())
         shards = sorted(meta_checkpoint.glob("consolidated.*.pth"))
         assert len(shards) == 2
-        parts = [torch.load(shard, weights_only=True) for shard in shards]
+        parts = [read_torch_file(shard) for shard in shards]
         state = {name: merge_meta_parts(name, [part[name] for part in parts]) for name in parts[0]}
-        converted = dict(iter_meta_tensors(state, params["n_heads"], params["n_kv_heads"]))
+        converted = hf_named_meta_tensors(state, params["n_heads"], params["n_kv_heads"])
         original = load_file(tiny_model_dir / "model.safetensors")
         assert set(converted) == set(original)
         for name, tensor in original.items():
-            assert torch.equal(converted[name], tensor), name
+            assert converted[name].shape == tuple(tensor.shape), name  # known before any data is read
+            assert torch.equal(converted[name].load(), tensor), name
 
     def test_meta_checkpoint_with_unreadable_tokenizer_is_an_error(self, tmp_path, meta_checkpoint):
         from stages.convert import convert
@@ -511,50 +532,6 @@ class TestConvert:
 
 
 class TestArtifacts:
-    def test_tensor_writer_round_trip_sharded(self, tmp_path):
-        generator = torch.Generator().manual_seed(0)
-        tensors = {f"layer.{i}.weight": torch.randn(10, 10, generator=generator) for i in range(5)}  # 400 B each
-        tensors["transposed"] = torch.randn(10, 10, generator=generator).T  # not contiguous
-        tensors["big"] = torch.randn(40, 40, generator=generator)  # larger than a whole shard
-        with TensorWriter(tmp_path, max_shard_size=1000) as writer:
-            for name, tensor in tensors.items():
-                writer.save_tensor(name, tensor)
-        index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
-        shard_files = sorted(p.name for p in tmp_path.glob("model-*.safetensors"))
-        count = len(shard_files)
-        assert count >= 4
-        assert shard_files == [f"model-{i:05d}-of-{count:05d}.safetensors" for i in range(1, count + 1)]
-        assert set(index["weight_map"]) == set(tensors)
-        assert index["metadata"]["total_size"] == sum(t.numel() * 4 for t in tensors.values())
-        for shard in shard_files:
-            with safe_open(tmp_path / shard, framework="pt") as file:
-                assert file.metadata() == {"format": "pt"}
-                assert file.get_tensor(next(iter(file.keys()))).dtype == torch.float32
-        for name, tensor in tensors.items():
-            assert torch.equal(load_file(tmp_path / index["weight_map"][name])[name], tensor)
-        assert not list(tmp_path.glob("*.tmp"))
-        for shard in shard_files:  # no shard over the limit unless it holds a single tensor
-            size = (tmp_path / shard).stat().st_size
-            assert size < 1000 + 1000 or len(load_file(tmp_path / shard)) == 1
-
-    def test_tensor_writer_single_shard(self, tmp_path):
-        tensors = {"a": torch.ones(3), "b": torch.zeros(2, 2, dtype=torch.bfloat16)}
-        with TensorWriter(tmp_path, max_shard_size=10**9) as writer:
-            for name, tensor in tensors.items():
-                writer.save_tensor(name, tensor)
-        assert sorted(p.name for p in tmp_path.iterdir()) == ["model.safetensors"]
-        loaded = load_file(tmp_path / "model.safetensors")
-        assert all(torch.equal(loaded[name], tensor) for name, tensor in tensors.items())
-
-    def test_tensor_writer_exception_leaves_no_index_or_model_files(self, tmp_path):
-        with pytest.raises(RuntimeError, match="boom"):
-            with TensorWriter(tmp_path, max_shard_size=1000) as writer:
-                for i in range(6):
-                    writer.save_tensor(f"t{i}", torch.ones(10, 10))
-                raise RuntimeError("boom")
-        assert not (tmp_path / "model.safetensors.index.json").exists()
-        assert not list(tmp_path.glob("model*.safetensors"))
-
     def test_atomic_dir_exception_leaves_target_absent(self, tmp_path):
         target = tmp_path / "out" / "models" / "base"
         with pytest.raises(KeyboardInterrupt):
@@ -815,6 +792,37 @@ class TestMerge:
         assert type(model).__name__ == "LlamaForCausalLM"
         assert all(type(m).__module__.split(".")[0] not in ("peft", "bitsandbytes") for m in model.modules())
         assert (out / "tokenizer.json").exists()
+
+    def test_streamed_merge_is_bitwise_the_qlora_models_dequantized_weights_plus_delta(
+        self, merged, tiny_model_dir, perturbed_adapter
+    ):
+        """The merge never loads the model; this rebuilds the merged weights from the QLoRA model as loaded for
+        training (peft on the 4-bit base) and requires every tensor to be equal, bit for bit."""
+        import bitsandbytes as bnb
+        from peft import PeftModel
+        from peft.tuners.lora import LoraLayer
+
+        from tuneline.modeling import QuantSpec, load_quantized_model
+
+        model = PeftModel.from_pretrained(
+            load_quantized_model(tiny_model_dir, QuantSpec.load(perturbed_adapter)), perturbed_adapter
+        ).get_base_model()
+        expected = {}
+        for name, module in model.named_modules():
+            if isinstance(module, LoraLayer):
+                layer = module.get_base_layer()
+                weight = bnb.functional.dequantize_4bit(layer.weight.data, layer.weight.quant_state).float()
+                delta = module.lora_B["default"].weight.float() @ module.lora_A["default"].weight.float()
+                expected[f"{name}.weight"] = weight + delta * module.scaling["default"]
+        for name, param in model.named_parameters():
+            clean = name.replace(".base_layer", "")
+            if "lora_" not in name and clean not in expected:
+                expected[clean] = param.detach().float()
+        written = load_file(merged[0] / "model.safetensors")
+        assert set(written) == set(expected)
+        assert len([name for name in expected if name.endswith("proj.weight")]) == 7 * 2  # 2 layers, 7 adapted linears
+        unequal = [name for name in expected if not torch.equal(written[name], expected[name])]
+        assert unequal == []
 
     def test_merged_weights_differ_from_base_by_the_delta(self, merged, tiny_model_dir):
         out, _ = merged

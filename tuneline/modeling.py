@@ -35,7 +35,7 @@ def available_memory() -> int:
 
 @dataclass(frozen=True)
 class QuantSpec:
-    """The 4-bit quantization the base was trained under (bitsandbytes' blocksize is fixed at 64)."""
+    """The 4-bit quantization the base was trained under (in bitsandbytes' default blocks of 64)."""
 
     quant_type: str
     double_quant: bool

@@ -1,7 +1,7 @@
 """Fault injection for the kill tests: SIGKILL a stage process at an exact point of its work.
 
 Put this folder on PYTHONPATH and set TUNELINE_KILL to MAIN:MODULE:ATTRIBUTE:N, for example
-    stages.convert:tuneline.artifacts:TensorWriter._flush:2
+    stages.convert:tuneline.tensor_io:ShardedSafetensorsWriter._close_shard:2
 and the process running `python -m MAIN` kills itself with SIGKILL when ATTRIBUTE of MODULE is called for the
 N-th time (before that call runs). Every other Python process (DVC itself, git hooks) is left alone: the
 patch is installed when MODULE is imported and only fires under MAIN. Nothing is cleaned up, as with a
