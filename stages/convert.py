@@ -29,7 +29,9 @@ from tuneline.errors import TunelineError, exit_on_error
 from tuneline.lineage import BASE_SOURCE_FILE, FETCH_MANIFEST, file_hashes, source_revision
 from tuneline.modeling import DTYPES, weight_bytes
 from tuneline.params import ConvertParams, load_section
-from tuneline.tensor_io import LazyTensor, in_memory, read_safetensors, read_torch_file, write_safetensors
+from tuneline.tensor_io import (
+    LazyTensor, in_memory, loaded_in_order, read_safetensors, read_torch_file, write_safetensors,
+)
 
 PTH_FILE = "model.pth"
 # Meta checkpoint names -> Hugging Face Llama names; {i} is the layer index.
@@ -81,8 +83,8 @@ def convert(
     if config.tie_word_embeddings:
         tensors.pop("lm_head.weight", None)  # tied to the embeddings; safetensors stores each tensor once
     shapes = {name: tensor.shape for name, tensor in tensors.items()}
-    loaded = ((name, tensor.load()) for name, tensor in tensors.items())
-    write_safetensors(out_dir, shapes, loaded, DTYPES[dtype], max_shard_size, description="convert: writing")
+    write_safetensors(out_dir, shapes, loaded_in_order(tensors), DTYPES[dtype], max_shard_size,
+                      description="convert: writing")
     if write_pth:
         torch.save({name: tensor.load().to(DTYPES[dtype]) for name, tensor in tensors.items()}, out_dir / PTH_FILE)
     write_json(out_dir / BASE_SOURCE_FILE, base_source(src_dir, source_format, dtype))

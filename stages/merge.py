@@ -41,7 +41,7 @@ from tuneline.modeling import (
     meta_model, pad_batch, read_split, weight_bytes,
 )
 from tuneline.params import MergeParams, load_section
-from tuneline.tensor_io import LazyTensor, read_checkpoint, read_safetensors, write_safetensors
+from tuneline.tensor_io import LazyTensor, loaded_in_order, read_checkpoint, read_safetensors, write_safetensors
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
@@ -81,14 +81,14 @@ def merged_tensors(
     Quantized weights without an adapter are dequantized too: the trained model computed with those
     dequantized weights, not with the originals. The rest were loaded in the compute dtype, and stay so.
     """
-    for name, lazy in base.items():
+    for name, tensor in loaded_in_order(base):
         if name in quantized:
-            weight = dequantized_nf4(lazy.load(), spec)
+            weight = dequantized_nf4(tensor, spec)
             if name in factors:
                 lora_a, lora_b, scale = factors[name]
                 weight += (lora_b.to(weight.device) @ lora_a.to(weight.device)) * scale
         else:
-            weight = lazy.load().to(device(), DTYPES[spec.compute_dtype]).to(torch.float32)
+            weight = tensor.to(device(), DTYPES[spec.compute_dtype]).to(torch.float32)
         yield name, weight.cpu()
 
 

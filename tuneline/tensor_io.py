@@ -14,7 +14,8 @@ import pickle
 import struct
 import zipfile
 from collections import OrderedDict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from math import prod
 from pathlib import Path
@@ -59,6 +60,19 @@ class LazyTensor:
 def in_memory(tensor: torch.Tensor) -> LazyTensor:
     """A tensor already in memory, behind the same interface."""
     return LazyTensor(tuple(tensor.shape), tensor.dtype, lambda: tensor)
+
+
+def loaded_in_order(tensors: dict[str, LazyTensor]) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield each tensor loaded, in order, reading the next one in a thread while the caller works on this one:
+    the disk reads while the caller computes or writes, for the memory of one more tensor."""
+    items = list(tensors.items())
+    with ThreadPoolExecutor(max_workers=1) as reader:
+        pending = reader.submit(items[0][1].load) if items else None
+        for index, (name, _) in enumerate(items):
+            tensor = pending.result()
+            if index + 1 < len(items):
+                pending = reader.submit(items[index + 1][1].load)
+            yield name, tensor
 
 
 def read_bytes(path: Path, offset: int, size: int) -> torch.Tensor:
