@@ -9,8 +9,8 @@ the config and the weights in `convert.dtype` as shards of at most `convert.max_
 template to TOKENIZER_DIR: a separate output, so that the dataset stage reruns when the tokenizer changes
 and not when only the weights do.
 Safetensors, .bin and Meta .pth checkpoints are streamed tensor by tensor (tuneline.tensor_io): whatever the
-model's size, the stage holds a few tensors at a time. A GGUF file is dequantized whole by transformers, and
-`convert.write_pth` holds the whole model too.
+model's size, the stage holds a few tensors at a time. GGUF tensors are read and dequantized one by one too;
+only `convert.write_pth` (one torch state dict) holds the whole model.
 """
 
 import json
@@ -21,16 +21,17 @@ from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
 
+import numpy as np
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaConfig, PretrainedConfig
+from transformers import AutoConfig, AutoTokenizer, LlamaConfig, PretrainedConfig
 
 from tuneline.artifacts import atomic_dir, check_free_space, parse_size, sha256_file, write_json
 from tuneline.errors import TunelineError, exit_on_error
 from tuneline.lineage import BASE_SOURCE_FILE, FETCH_MANIFEST, file_hashes, source_revision
-from tuneline.modeling import DTYPES, weight_bytes
+from tuneline.modeling import DTYPES, meta_model, weight_bytes
 from tuneline.params import ConvertParams, load_section
 from tuneline.tensor_io import (
-    LazyTensor, in_memory, loaded_in_order, read_safetensors, read_torch_file, write_safetensors,
+    LazyTensor, loaded_in_order, read_bytes, read_safetensors, read_torch_file, write_safetensors,
 )
 
 PTH_FILE = "model.pth"
@@ -127,17 +128,44 @@ def base_source(src_dir: Path, source_format: str, dtype: str) -> dict:
 
 
 def read_gguf(path: Path) -> tuple[PretrainedConfig, object, dict[str, LazyTensor]]:
-    """Dequantize a GGUF file through transformers, which refuses to save such a model directly."""
+    """Read a GGUF file's config and tokenizer through transformers, and its tensors lazily: each is read from the
+    file and dequantized only when it is written, with transformers' own GGUF name mapping and per-architecture
+    fixes (such as Llama's query and key row order)."""
+    from gguf import GGUFReader
+    from transformers.modeling_gguf_pytorch_utils import (
+        TENSOR_PROCESSORS, TensorProcessor, get_gguf_hf_weights_map, load_gguf_checkpoint, read_field,
+    )
+
     try:
         tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+        config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
+        parsed = load_gguf_checkpoint(path)  # the metadata transformers reads, without the tensors
+        reader = GGUFReader(path)  # maps the file; only the pages of the tensor index are touched
     except (ValueError, OSError, KeyError, struct.error) as error:  # struct.error: cut short in its header
         raise TunelineError(f"convert: {path} could not be read as GGUF: {error or type(error).__name__}") from None
-    # save_pretrained refuses a GGUF-loaded model; its weights are plain tensors once dequantized, so
-    # the config is saved without the GGUF quantization entry and the tensors are written by us.
-    config = model.config
-    del config.quantization_config
-    return config, tokenizer, {name: in_memory(tensor) for name, tensor in model.state_dict().items()}
+    processor = TENSOR_PROCESSORS.get(read_field(reader, "general.architecture")[0], TensorProcessor)(
+        config=parsed["config"]
+    )
+    shapes = meta_model(config)
+    hf_names = get_gguf_hf_weights_map(shapes, processor)
+    hf_shapes = {name: tuple(tensor.shape) for name, tensor in shapes.state_dict().items()}
+    tensors = {}
+    for tensor in reader.tensors:  # in file order; tensors without a model weight (rope_freqs) are skipped
+        if tensor.name in hf_names:
+            read = partial(dequantized_gguf_tensor, path, tensor, processor, hf_names, parsed)
+            tensors[hf_names[tensor.name]] = LazyTensor(hf_shapes[hf_names[tensor.name]], torch.float32, read)
+    return config, tokenizer, tensors
+
+
+def dequantized_gguf_tensor(path: Path, tensor, processor, hf_names: dict[str, str], parsed: dict) -> torch.Tensor:
+    """One GGUF tensor read with a plain file read (not through the map) and dequantized as transformers does."""
+    from gguf import dequantize
+
+    raw = read_bytes(path, tensor.data_offset, tensor.n_bytes).numpy().view(tensor.data.dtype)
+    weights = dequantize(raw.reshape(tensor.data.shape), tensor.tensor_type)
+    result = processor.process(weights=weights, name=tensor.name, tensor_key_mapping=hf_names,
+                               parsed_parameters=parsed)
+    return torch.from_numpy(np.copy(result.weights)).to(torch.float32)
 
 
 def read_hf_dir(src_dir: Path) -> tuple[PretrainedConfig, object, dict[str, LazyTensor]]:

@@ -57,11 +57,6 @@ class LazyTensor:
         return self.read()
 
 
-def in_memory(tensor: torch.Tensor) -> LazyTensor:
-    """A tensor already in memory, behind the same interface."""
-    return LazyTensor(tuple(tensor.shape), tensor.dtype, lambda: tensor)
-
-
 def loaded_in_order(tensors: dict[str, LazyTensor]) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield each tensor loaded, in order, reading the next one in a thread while the caller works on this one:
     the disk reads while the caller computes or writes, for the memory of one more tensor."""
