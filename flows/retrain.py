@@ -2,6 +2,8 @@
 
     tuneline retrain [REPO_DIR]                  # once, now (ephemeral Prefect unless PREFECT_API_URL is set)
     tuneline serve --cron "0 3 * * 1" [REPO_DIR] # on a schedule, against a Prefect server
+    tuneline deploy --pool NAME --cron "0 3 * * 1" [REPO_DIR]
+                                                 # on a schedule, run by a worker of a Prefect work pool
 
 DVC decides what reruns (a stage whose inputs are unchanged is skipped); Prefect decides when, retries the
 network-bound fetch, allows one retraining at a time (global concurrency limit `tuneline-retrain`, on top
@@ -13,6 +15,7 @@ a promoted model's commit is tagged tuneline-model@vN.0.0. A rejected model stay
 DVC cache: nothing is lost.
 """
 
+import contextlib
 import os
 import sys
 import tempfile
@@ -33,6 +36,7 @@ from tuneline.params import PARAMS_FILE, PromoteParams, load_section
 
 STAGES = ("fetch", "convert", "dataset", "train", "merge", "evaluate", "lineage")
 CONCURRENCY_LIMIT = "tuneline-retrain"
+DEPLOYMENT = "tuneline-retrain"  # one scheduled retraining per server: served here or deployed to a work pool
 HF_TOKEN_BLOCK = "hf-token"  # a Prefect Secret block, used when HF_TOKEN is not set
 # What a run commits: its records, and the params and data it ran on (code stays the user's to commit).
 RUN_FILES = ("dvc.lock", LINEAGE_FILE, "metrics", "eval", "dvclive", "params.yaml", "data/sources")
@@ -231,7 +235,9 @@ def retrain(repo_dir: Path = Path("."), commit: bool = True) -> dict:
     repo_dir = repo_dir.resolve()
     started = time.perf_counter()
     hub_token_from_prefect()
-    with one_retraining_at_a_time():
+    # DVC finds stage targets, and names metrics files, relative to the working directory: a worker's run (it
+    # starts in a scratch folder) or `tuneline retrain REPO_DIR` from elsewhere must work in the repo.
+    with contextlib.chdir(repo_dir), one_retraining_at_a_time():
         results = []
         for stage in STAGES:
             # Only fetch talks to the network, so only fetch is retried.
@@ -273,8 +279,8 @@ def retrain(repo_dir: Path = Path("."), commit: bool = True) -> dict:
     }
 
 
-def serve(repo_dir: Path, cron: str) -> None:
-    """Register the flow with the Prefect server at PREFECT_API_URL on a cron schedule, and run what it sends."""
+def check_schedule(cron: str) -> None:
+    """Fail in one line before registering anything: no Prefect server to schedule on, or a bad cron."""
     from prefect.client.schemas.schedules import CronSchedule
     from prefect.settings import PREFECT_API_URL
 
@@ -289,12 +295,53 @@ def serve(repo_dir: Path, cron: str) -> None:
         raise TunelineError(
             f"--cron: '{cron}' is not a cron schedule; write it like \"0 3 * * 1\" (Mondays 03:00)"
         ) from None
+
+
+def serve(repo_dir: Path, cron: str) -> None:
+    """Register the flow with the Prefect server at PREFECT_API_URL on a cron schedule, and run what it sends."""
+    check_schedule(cron)
     retrain.serve(
-        name="tuneline-retrain",
+        name=DEPLOYMENT,
         cron=cron,
         parameters={"repo_dir": str(repo_dir.resolve())},
         description=f"Scheduled retraining of the tuneline pipeline in {repo_dir.resolve()}",
         entrypoint_type=EntrypointType.MODULE_PATH,  # flows.retrain:retrain, importable wherever tuneline is installed
+    )
+
+
+def deploy(repo_dir: Path, pool: str, cron: str) -> str:
+    """Register the flow on the work pool `pool` of the Prefect server at PREFECT_API_URL, on a cron schedule;
+    a worker of that pool runs it in the clone at `repo_dir` on its machine. Say what was registered."""
+    from prefect.exceptions import ObjectNotFound
+
+    check_schedule(cron)
+    # The worker's path: made absolute (its runs start in a scratch folder), but this machine's links are not
+    # followed, since the worker may be elsewhere.
+    repo_dir = repo_dir.absolute()
+    try:
+        retrain.deploy(
+            name=DEPLOYMENT,
+            work_pool_name=pool,
+            cron=cron,
+            parameters={"repo_dir": str(repo_dir)},
+            description=f"Scheduled retraining of the tuneline pipeline in {repo_dir}, by a worker of '{pool}'",
+            # The worker imports flows.retrain:retrain from its own install of tuneline: no image, no storage.
+            entrypoint_type=EntrypointType.MODULE_PATH,
+            build=False,
+            push=False,
+            print_next_steps=False,
+            ignore_warnings=True,  # a process pool is meant: Prefect's hint to use .serve instead is `tuneline serve`
+        )
+    except ValueError as error:
+        if not isinstance(error.__cause__, ObjectNotFound):
+            raise
+        raise TunelineError(
+            f"work pool '{pool}' does not exist on the Prefect server; create it with "
+            f"`prefect work-pool create {pool} --type process`"
+        ) from None
+    return (
+        f"registered {retrain.name}/{DEPLOYMENT} on work pool '{pool}': cron \"{cron}\", repo_dir {repo_dir}\n"
+        f"run it with a worker, in a clone at {repo_dir} with tuneline installed: prefect worker start --pool {pool}"
     )
 
 

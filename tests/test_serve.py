@@ -3,6 +3,8 @@
 `prefect server start` in the background, `tuneline serve --cron ...` registers the flow with its schedule
 and waits for work; the test triggers runs through the server's REST API, as a schedule or the UI would,
 and checks that they complete and what the promotion gate decided. Both processes are stopped at the end.
+The work-pool way: `prefect work-pool create`, `tuneline deploy --pool ... --cron ...`, a run triggered through
+the API and picked up by `prefect worker start --pool ...`, as on another machine.
 """
 
 import json
@@ -17,9 +19,10 @@ import httpx
 import pytest
 import yaml
 
-from conftest import VENV_BIN, commit_all, make_pipeline_repo, subprocess_env
+from conftest import VENV_BIN, commit_all, describe, make_pipeline_repo, subprocess_env
 
 CRON = "0 3 * * 1"
+POOL = "tuneline-pool"
 TERMINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
 
 
@@ -53,6 +56,19 @@ def stop(process: subprocess.Popen) -> None:
             process.wait()
 
 
+class RetryWhenBusy(httpx.HTTPTransport):
+    """Retry what the server answers 503 (its SQLite busy, under load), as Prefect's own client does."""
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        for _ in range(9):
+            response = super().handle_request(request)
+            if response.status_code != 503:
+                return response
+            response.close()
+            time.sleep(1)
+        return super().handle_request(request)
+
+
 @pytest.fixture
 def prefect_server(tmp_path):
     """A real Prefect server on a free loopback port, its state in a private PREFECT_HOME (SQLite)."""
@@ -64,7 +80,7 @@ def prefect_server(tmp_path):
     with log.open("w") as out:
         server = subprocess.Popen([str(VENV_BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port",
                                    str(port)], env=env, stdout=out, stderr=subprocess.STDOUT)
-    api = httpx.Client(base_url=env["PREFECT_API_URL"], timeout=30)
+    api = httpx.Client(base_url=env["PREFECT_API_URL"], timeout=30, transport=RetryWhenBusy())
     try:
         wait_for("the Prefect server", lambda: api.get("/health").status_code == 200, 180, [log])
         yield api, env, log
@@ -147,6 +163,50 @@ def test_served_flow_runs_on_the_server_and_gates_promotion(prefect_server, tmp_
         stop(served)
 
 
+def tuneline(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "tuneline.cli", *args], env=env, capture_output=True, text=True,
+                          timeout=120)
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess, expected: str) -> None:
+    assert result.returncode == 1, describe(result)
+    assert result.stderr.strip().splitlines() == [result.stderr.strip()]
+    assert result.stderr.startswith(expected)
+
+
+def test_deployed_flow_runs_on_a_work_pool_worker(prefect_server, tmp_path, tiny_params):
+    api, env, server_log = prefect_server
+    repo = make_pipeline_repo(tmp_path / "repo", tiny_params)
+    deploy = ["deploy", "--pool", POOL, "--cron", CRON, str(repo)]
+    assert_one_line_error(tuneline(env, *deploy), f"error: work pool '{POOL}' does not exist on the Prefect server; "
+                                                  f"create it with `prefect work-pool create {POOL} --type process`")
+    created = subprocess.run([str(VENV_BIN / "prefect"), "work-pool", "create", POOL, "--type", "process"],
+                             env=env, capture_output=True, text=True, timeout=120)
+    assert created.returncode == 0, describe(created)
+    deployed = tuneline(env, *deploy)
+    assert deployed.returncode == 0, describe(deployed)
+    assert f"prefect worker start --pool {POOL}" in deployed.stdout
+
+    deployment = api.get("/deployments/name/tuneline-retrain/tuneline-retrain").raise_for_status().json()
+    assert (deployment["work_pool_name"], deployment["entrypoint"]) == (POOL, "flows.retrain.retrain")
+    assert [s["schedule"]["cron"] for s in deployment["schedules"]] == [CRON]
+    assert deployment["parameters"]["repo_dir"] == str(repo)
+    run = trigger(api, deployment["id"])
+    # The worker starts elsewhere than the repo, as on another machine: the run finds the repo by repo_dir.
+    worker_log = tmp_path / "worker.log"
+    with worker_log.open("w") as out:
+        worker = subprocess.Popen([str(VENV_BIN / "prefect"), "worker", "start", "--pool", POOL], cwd=tmp_path,
+                                  env=env | {"PREFECT_WORKER_QUERY_SECONDS": "1"}, stdout=out,
+                                  stderr=subprocess.STDOUT)
+    try:
+        wait_until_completed(api, run, [server_log, worker_log])
+    finally:
+        stop(worker)
+    assert "**promoted**: no model promoted yet" in summary_of(api, run["id"])
+    assert json.loads((repo / "registry.json").read_text())["promoted"]["version"] == 1
+
+
+@pytest.mark.parametrize("command", [["serve"], ["deploy", "--pool", POOL]], ids=["serve", "deploy"])
 @pytest.mark.parametrize(
     ("cron", "api_url", "expected"),
     [
@@ -154,12 +214,9 @@ def test_served_flow_runs_on_the_server_and_gates_promotion(prefect_server, tmp_
         ("0 3 * * 8", "http://127.0.0.1:9/api", "error: --cron: '0 3 * * 8' is not a cron schedule"),
     ],
 )
-def test_serve_without_a_server_or_with_a_bad_cron_is_one_line(tmp_path, cron, api_url, expected):
+def test_serve_or_deploy_without_a_server_or_with_a_bad_cron_is_one_line(tmp_path, command, cron, api_url,
+                                                                          expected):
     env = subprocess_env(prefect_home=tmp_path / "prefect-home")
     if api_url:
         env["PREFECT_API_URL"] = api_url
-    result = subprocess.run([sys.executable, "-m", "tuneline.cli", "serve", "--cron", cron, str(tmp_path)],
-                            env=env, capture_output=True, text=True, timeout=120)
-    assert result.returncode == 1
-    assert result.stderr.strip().splitlines() == [result.stderr.strip()]
-    assert result.stderr.startswith(expected)
+    assert_one_line_error(tuneline(env, *command, "--cron", cron, str(tmp_path)), expected)

@@ -7,6 +7,10 @@
     tuneline retrain [REPO_DIR]  run the Prefect retrain flow once (ephemeral Prefect unless PREFECT_API_URL is set)
     tuneline serve --cron CRON [REPO_DIR]
                                  serve the retrain flow on a schedule from the Prefect server at PREFECT_API_URL
+    tuneline deploy --pool NAME --cron CRON [REPO_DIR]
+                                 deploy it on a schedule to a work pool of that server; a worker of the pool
+                                 (`prefect worker start --pool NAME`, maybe on another machine) runs it in its
+                                 clone at REPO_DIR
     tuneline audit PATH|SHA256|GIT-REV [--json]
                                  which weights, data, params and code produced a model, and its metrics
 """
@@ -20,6 +24,8 @@ from tuneline.errors import TunelineError
 from tuneline.params import (
     PARAMS_FILE, SECTIONS, DatasetParams, TrainParams, load_section, read_params_file, validate_section,
 )
+
+CRON_HELP = 'a cron schedule, e.g. "0 3 * * 1" (Mondays 03:00)'
 
 
 def check(params_file: Path, model_dir: Path) -> None:
@@ -84,8 +90,14 @@ def main(argv: list[str] | None = None) -> None:
     retrain_parser.add_argument("repo_dir", type=Path, nargs="?", default=Path("."))
     retrain_parser.add_argument("--no-commit", action="store_true", help="leave the run's records uncommitted")
     serve_parser = commands.add_parser("serve", help="serve the retrain flow on a schedule (needs a Prefect server)")
-    serve_parser.add_argument("--cron", required=True, help='a cron schedule, e.g. "0 3 * * 1" (Mondays 03:00)')
+    serve_parser.add_argument("--cron", required=True, help=CRON_HELP)
     serve_parser.add_argument("repo_dir", type=Path, nargs="?", default=Path("."))
+    deploy_parser = commands.add_parser("deploy", help="deploy the retrain flow to a Prefect work pool, on a schedule")
+    deploy_parser.add_argument("--pool", required=True,
+                               help="the work pool (create it: prefect work-pool create NAME --type process)")
+    deploy_parser.add_argument("--cron", required=True, help=CRON_HELP)
+    deploy_parser.add_argument("repo_dir", type=Path, nargs="?", default=Path("."),
+                               help="the clone's path on the worker's machine (default: .)")
     audit_parser = commands.add_parser("audit", help="what produced a model: weights, data, params, code, metrics")
     audit_parser.add_argument("target", help="a model directory or file, a sha256, or a git revision")
     audit_parser.add_argument("--json", action="store_true", help="the same facts as JSON")
@@ -108,6 +120,10 @@ def main(argv: list[str] | None = None) -> None:
             from flows.retrain import serve
 
             serve(args.repo_dir, args.cron)
+        elif args.command == "deploy":
+            from flows.retrain import deploy
+
+            print(deploy(args.repo_dir, args.pool, args.cron))
         elif args.command == "audit":
             from tuneline.audit import audit, format_report
 
