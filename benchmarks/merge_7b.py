@@ -28,6 +28,7 @@ from pathlib import Path
 
 import psutil
 import torch
+from measure import peak_rss
 from peft import LoraConfig, PeftModel
 from safetensors.torch import save_file
 from tokenizers import Tokenizer, models, pre_tokenizers
@@ -185,14 +186,6 @@ def child(phase: str, args: list[str]) -> None:
     {"convert": run_convert, "merge": run_merge, "peft": run_peft_merge}[phase](*paths)
     seconds = time.perf_counter() - started
     print(json.dumps({"seconds": seconds, "peak_rss": peak_rss()}))
-
-
-def peak_rss() -> int:
-    """This process's peak resident memory, in bytes. Not getrusage's ru_maxrss: Linux carries that over from
-    the parent through fork and exec, so a child would report the benchmark's own peak."""
-    status = Path("/proc/self/status").read_text()
-    kib = next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM:"))
-    return int(kib) * 1024
 
 
 def in_child(phase: str, *paths: Path) -> dict:

@@ -117,10 +117,13 @@ class TrainParams(Section):
     max_steps: int  # > 0 wins over num_epochs
     num_epochs: float = Field(gt=0)
     gradient_checkpointing: bool
+    padding_free: bool = True  # each batch packed into one row: no compute on padding; false pads to the longest
     optim: str  # "adamw_torch" on CPU; "paged_adamw_8bit" on CUDA
     logging_steps: int = Field(gt=0)
     save_steps: int = Field(ge=0)  # checkpoint every N steps to resume a killed run; 0 = no checkpoints
     keep_checkpoints: int = Field(gt=0)  # newest checkpoints kept while a run goes on; all go when it ends
+    launcher: Literal["none", "torchrun", "accelerate"] = "none"  # several processes (DDP), one per GPU or CPU slot
+    num_processes: int = Field(default=1, gt=0)  # with a launcher; batch_size is per process
 
 
 class MergeParams(Section):
