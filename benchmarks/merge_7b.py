@@ -38,6 +38,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerF
 from stages.convert import convert
 from stages.merge import dequantized_nf4, write_merged_model
 from tuneline.modeling import QuantSpec, linear_layers, load_tokenizer, meta_model
+from tuneline.tensor_io import plan_shards
 
 GiB = 2**30
 RSS_TARGET = 2 * GiB
@@ -71,15 +72,7 @@ def save_tokenizer(directory: Path) -> None:
 def build_bin_checkpoint(directory: Path, config, generator: torch.Generator) -> None:
     """Random bf16 weights (std 0.02, norms at 1) in pytorch_model-0000N-of-0000M.bin shards with their index."""
     shapes = tensor_shapes(config)
-    shards: list[list[str]] = [[]]
-    size = 0
-    for name, shape in shapes.items():
-        nbytes = prod(shape) * 2
-        if shards[-1] and size + nbytes > BIN_SHARD_BYTES:
-            shards.append([])
-            size = 0
-        shards[-1].append(name)
-        size += nbytes
+    shards = plan_shards(shapes, torch.bfloat16.itemsize, BIN_SHARD_BYTES)
     tmp = directory.with_name(directory.name + ".building")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -263,7 +256,7 @@ def main() -> None:
     print(report_line("merge", figures, files_size(base, "*.safetensors") + files_size(adapter, "*.safetensors"),
                       files_size(merged, "*.safetensors"), disk))
     rate = nf4_rate(config)
-    quantized = sum(prod(shape) for name, shape in tensor_shapes(config).items() if name.endswith("proj.weight"))
+    quantized = sum(layer.weight.numel() for layer in linear_layers(meta_model(config)).values())
     print(f"limit    NF4 quantize + dequantize (bitsandbytes, {torch.get_num_threads()} threads): {rate / 1e6:.0f} M "
           f"params/s, so {quantized / rate:.0f} s of the merge is that compute for {quantized / 1e9:.2f} B quantized "
           f"parameters")

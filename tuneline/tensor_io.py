@@ -237,8 +237,8 @@ class ShardedSafetensorsWriter:
         self.shard_of = {name: index for index, names in enumerate(self.shards) for name in names}
         self.written = 0
         self.file = None
-        self.progress = tqdm(total=sum(prod(shape) for shape in shapes.values()) * dtype.itemsize, unit="B",
-                             unit_scale=True, desc=description)
+        self.total_bytes = sum(prod(shape) for shape in shapes.values()) * dtype.itemsize
+        self.progress = tqdm(total=self.total_bytes, unit="B", unit_scale=True, desc=description)
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         """Cast `tensor` to the writer's dtype and append it to its shard; tensors must come in planned order."""
@@ -283,8 +283,7 @@ class ShardedSafetensorsWriter:
         if len(self.shards) > 1:
             weight_map = {name: shard_name(index, len(self.shards))
                           for index, names in enumerate(self.shards) for name in names}
-            total_size = sum(prod(shape) for shape in self.shapes.values()) * self.dtype.itemsize
-            index_json = {"metadata": {"total_size": total_size}, "weight_map": weight_map}
+            index_json = {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}
             (self.out_dir / INDEX_FILE).write_text(json.dumps(index_json, indent=2))
 
     def __enter__(self) -> "ShardedSafetensorsWriter":
