@@ -1,13 +1,13 @@
 # tuneline: the two commands.
 #   make run    create .venv, install, run the pipeline (dvc repro), print the metrics
-#   make test   create .venv if missing, install, run the tests
+#   make test   create .venv if missing, install, run the tests (make test-unit: the unit tier alone)
 VENV := .venv
 PYTHON := $(VENV)/bin/python
 # Stage commands in dvc.yaml call `python`: it must be the venv's.
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 export DVC_NO_ANALYTICS := 1
 
-.PHONY: run test install benchmark
+.PHONY: run test test-unit install benchmark docs
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PYTHON) || python3 -m venv $(VENV)
@@ -24,5 +24,15 @@ run: install
 test: install
 	$(PYTHON) -m pytest -q
 
+test-unit: install
+	$(PYTHON) -m pytest -q -m "not integration"
+
+# The benchmarks write benchmarks/results/*.json, which `make docs` quotes (the 7B merge takes ~10 min, ~35 GB).
 benchmark: install
 	$(PYTHON) benchmarks/pipeline_budget.py
+	$(PYTHON) benchmarks/train_throughput.py
+	$(PYTHON) benchmarks/merge_7b.py
+
+# Rewrite every figure README.md and docs/ quote from metrics/*.json, lineage.json and benchmarks/results/.
+docs: install
+	$(PYTHON) docs/figures.py

@@ -1,7 +1,7 @@
 """Convert and merge a Llama-2-7B-shaped checkpoint in bounded memory, at disk speed: peak RSS and throughput.
 
     python benchmarks/merge_7b.py                  # ~35 GB of disk under ~/.cache/tuneline/bench-7b, ~10 min
-    python benchmarks/merge_7b.py --small          # the same on a ~60 MB model, for CI (tests/test_benchmarks.py)
+    python benchmarks/merge_7b.py --small          # the same on a ~60 MB model, for CI (tests/integration/test_benchmarks.py)
 
 Builds once, and keeps: a checkpoint with Llama-2-7B's exact tensor names and shapes and random bf16 weights,
 as sharded pytorch_model-*.bin like the original Hugging Face release, and a rank-16 all-linear LoRA adapter.
@@ -13,7 +13,8 @@ Then, in this run, each in a fresh process after the input's pages are dropped f
      RAM, otherwise computed from the tensor sizes, and said so).
 For each: wall time, bytes read + written per second and that as a share of what the disk alone would take
 (read bytes / read speed + written bytes / write speed), and peak RSS. Targets: peak RSS <= 2 GiB,
-throughput >= 50 % of the disk's.
+throughput >= 50 % of the disk's. The figures also go to benchmarks/results/merge_7b.json (not with --small,
+unless --out names a file), from which `python docs/figures.py` writes them into docs/performance.md.
 """
 
 import argparse
@@ -35,8 +36,8 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from tqdm import tqdm
 from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast
 
-from stages.convert import convert
-from stages.merge import dequantized_nf4, write_merged_model
+from tuneline.converting import convert
+from tuneline.merging import dequantized_nf4, write_merged_model
 from tuneline.modeling import QuantSpec, linear_layers, load_tokenizer, meta_model
 from tuneline.tensor_io import plan_shards
 
@@ -51,6 +52,7 @@ LLAMA2_7B = dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, nu
 SMALL = dict(LLAMA2_7B, vocab_size=8000, hidden_size=512, intermediate_size=1376, num_hidden_layers=4,
              num_attention_heads=8, num_key_value_heads=8)
 BIN_SHARD_BYTES = 5 * 10**9  # the original release has two .bin shards of up to 10 GB; 5 GB keeps building lighter
+RESULTS = Path(__file__).resolve().parent / "results" / "merge_7b.json"
 
 
 # ------------------------------------------------------------------------------------------ building (once)
@@ -194,35 +196,46 @@ def files_size(directory: Path, pattern: str) -> int:
     return sum(path.stat().st_size for path in directory.glob(pattern))
 
 
-def report_line(label: str, figures: dict, read: int, written: int, disk: dict) -> str:
+def phase_result(figures: dict, read: int, written: int, disk: dict) -> dict:
+    """A phase's wall time and peak RSS with its bytes, and the share of the disk's speed it reached."""
     disk_seconds = read / disk["read"] + written / disk["write"]
-    share = disk_seconds / figures["seconds"]
-    rss_ok = "ok" if figures["peak_rss"] <= RSS_TARGET else "OVER"
+    return {**figures, "read_bytes": read, "written_bytes": written, "disk_seconds": disk_seconds,
+            "disk_share": disk_seconds / figures["seconds"]}
+
+
+def report_line(label: str, result: dict) -> str:
+    read, written, share = result["read_bytes"], result["written_bytes"], result["disk_share"]
+    rss_ok = "ok" if result["peak_rss"] <= RSS_TARGET else "OVER"
     speed_ok = "ok" if share >= THROUGHPUT_TARGET else "UNDER"
-    return (f"{label:<8} {figures['seconds']:7.1f} s  read {read / 1e9:6.2f} GB + wrote {written / 1e9:6.2f} GB = "
-            f"{(read + written) / figures['seconds'] / 1e6:5.0f} MB/s, {share:4.0%} of the disk's speed ({speed_ok}: "
-            f"target {THROUGHPUT_TARGET:.0%}); peak RSS {figures['peak_rss'] / GiB:5.2f} GiB ({rss_ok}: target "
+    return (f"{label:<8} {result['seconds']:7.1f} s  read {read / 1e9:6.2f} GB + wrote {written / 1e9:6.2f} GB = "
+            f"{(read + written) / result['seconds'] / 1e6:5.0f} MB/s, {share:4.0%} of the disk's speed ({speed_ok}: "
+            f"target {THROUGHPUT_TARGET:.0%}); peak RSS {result['peak_rss'] / GiB:5.2f} GiB ({rss_ok}: target "
             f"{RSS_TARGET / GiB:.0f} GiB)")
 
 
-def peft_comparison(base: Path, adapter: Path, config) -> str:
-    """Run peft's merge_and_unload if the bf16 model fits in the free RAM, else compute what it needs."""
+def peft_comparison(base: Path, adapter: Path, config) -> tuple[str, dict]:
+    """Run peft's merge_and_unload if the bf16 model fits in the free RAM, else compute what it needs: the report
+    line and its figures."""
     model_bytes = sum(prod(shape) for shape in tensor_shapes(config).values()) * 2
     needed = model_bytes + files_size(adapter, "*.safetensors")
     available = psutil.virtual_memory().available
+    sizes = {"model_bytes": model_bytes, "needed_bytes": needed, "available_bytes": available}
     if needed * 1.2 > available:
         return (f"peft     merge_and_unload needs the whole model in memory: {needed / GiB:.1f} GiB in bf16 (weights "
                 f"{model_bytes / GiB:.1f} GiB + adapter), computed from the tensor sizes; not run, "
-                f"{available / GiB:.1f} GiB is free")
+                f"{available / GiB:.1f} GiB is free"), {"ran": False, **sizes}
     figures = in_child("peft", base, adapter)
     return (f"peft     merge_and_unload (bf16 model in memory, not saved): {figures['seconds']:.1f} s, peak RSS "
-            f"{figures['peak_rss'] / GiB:.2f} GiB (the weights alone are {model_bytes / GiB:.1f} GiB)")
+            f"{figures['peak_rss'] / GiB:.2f} GiB (the weights alone are {model_bytes / GiB:.1f} GiB)"), {
+        "ran": True, **figures, **sizes}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--small", action="store_true", help="a ~60 MB model of the same architecture (CI)")
     parser.add_argument("--cache", type=Path, help="where the checkpoint is built once and outputs are written")
+    parser.add_argument("--out", type=Path,
+                        help=f"where the figures go as JSON (default: {RESULTS}; none with --small)")
     parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -249,20 +262,39 @@ def main() -> None:
 
     drop_from_page_cache(list(source.glob("*.bin")))
     figures = in_child("convert", source, base)
-    print(report_line("convert", figures, files_size(source, "*.bin"), files_size(base, "*.safetensors"), disk))
+    converted = phase_result(figures, files_size(source, "*.bin"), files_size(base, "*.safetensors"), disk)
+    print(report_line("convert", converted))
 
     drop_from_page_cache(list(base.glob("*.safetensors")))
     figures = in_child("merge", base, adapter, merged)
-    print(report_line("merge", figures, files_size(base, "*.safetensors") + files_size(adapter, "*.safetensors"),
-                      files_size(merged, "*.safetensors"), disk))
+    merge = phase_result(figures, files_size(base, "*.safetensors") + files_size(adapter, "*.safetensors"),
+                         files_size(merged, "*.safetensors"), disk)
+    print(report_line("merge", merge))
     rate = nf4_rate(config)
     quantized = sum(layer.weight.numel() for layer in linear_layers(meta_model(config)).values())
     print(f"limit    NF4 quantize + dequantize (bitsandbytes, {torch.get_num_threads()} threads): {rate / 1e6:.0f} M "
           f"params/s, so {quantized / rate:.0f} s of the merge is that compute for {quantized / 1e9:.2f} B quantized "
           f"parameters")
     shutil.rmtree(merged)
-    print(peft_comparison(base, adapter, config))
+    line, peft = peft_comparison(base, adapter, config)
+    print(line)
     shutil.rmtree(base)
+    if args.out or not args.small:
+        results = {
+            "small": args.small, "cpu_count": os.cpu_count(), "parameters": parameters,
+            "bf16_bytes": parameters * 2, "lora_rank": LORA_RANK, "target_modules": TARGET_MODULES,
+            "adapter_bytes": files_size(adapter, "*.safetensors"),
+            "disk": {"write_bytes_per_second": disk["write"], "read_bytes_per_second": disk["read"]},
+            "convert": converted, "merge": merge,
+            "nf4": {"threads": torch.get_num_threads(), "parameters_per_second": rate,
+                    "quantized_parameters": quantized, "seconds": quantized / rate},
+            "peft": peft,
+            "targets": {"peak_rss_bytes": RSS_TARGET, "disk_share": THROUGHPUT_TARGET},
+        }
+        out = args.out or RESULTS
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(results, indent=2) + "\n")
+        print(f"results  {out}")
 
 
 if __name__ == "__main__":

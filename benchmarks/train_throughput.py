@@ -17,13 +17,17 @@ rendering of the system prompt (given explicitly) and the question, the completi
 token: the dataset stage's text, so both runs train on the same token ids under the same loss mask (checked and
 printed). A conversational prompt/completion would not: the template's newline after the last end-of-turn would
 be one more trained token per example. One deviation from TRL's defaults, in both runs: the LoRA weights stay in
-the compute dtype (stages/train.py, keep_adapters_in_compute_dtype), so that the runs differ in batching only.
+the compute dtype (tuneline/training.py, keep_adapters_in_compute_dtype), so that the runs differ in batching only.
 
 Each child measures itself with the same wrapper around SFTTrainer.compute_loss and .train: real (non-pad) tokens,
 tokens computed (padding included), seconds in trainer.train(), peak RSS, loss per trained token over the run
 (nats), and a hash of the examples of every step (both runs must see the same examples in the same steps). The
 losses differ only by LoRA dropout's random masks, drawn on differently shaped batches: with lora_dropout 0 the two
 runs give the same loss to 5 decimals. Target: ours >= 1.5x plain's real tokens/s on the chat set, same loss.
+
+The figures also go to benchmarks/results/train_throughput.json when the run measures the pipeline's model (--model
+left at its default; another model, such as a test's tiny one, writes no JSON unless --out names a file), from
+which `python docs/figures.py` writes them into docs/performance.md and docs/pipeline.md.
 """
 
 import argparse
@@ -31,6 +35,7 @@ import hashlib
 import importlib
 import inspect
 import json
+import os
 import random
 import subprocess
 import sys
@@ -59,6 +64,7 @@ CHAT_MODULES = (
     "urllib.parse", "uuid", "zipfile",
 )
 DOCSTRING_CHARS = (20, 900)  # answers from a few words to about 220 tokens: lengths vary as in real chat data
+RESULTS = PROJECT / "benchmarks" / "results" / "train_throughput.json"
 
 
 # ------------------------------------------------------------------------------------------- the chat set
@@ -87,7 +93,7 @@ def build_chat_dataset(*, tokenizer_dir: Path, out: Path, count: int) -> Path:
     pipeline's dataset params with this source): train.parquet, lineage.json and tokenizer/ in `out`."""
     from transformers import AutoTokenizer
 
-    from stages.dataset import build_dataset, write_outputs
+    from tuneline.data import build_dataset, write_outputs
     from tuneline.params import validate_section
 
     pipeline = yaml.safe_load((PROJECT / "params.yaml").read_text())["dataset"]
@@ -172,7 +178,7 @@ def run_ours(spec: dict, work: Path) -> dict:
     """The train stage's own function, as `dvc repro` runs it."""
     from dvclive import Live
 
-    from stages.train import train
+    from tuneline.training import train
     from tuneline.params import TrainParams
 
     with Live(dir=str(work / "live"), dvcyaml=None, save_dvc_exp=False) as live:
@@ -212,7 +218,7 @@ def run_plain(spec: dict, work: Path) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
     from trl import SFTConfig, SFTTrainer
 
-    from stages.train import keep_adapters_in_compute_dtype
+    from tuneline.training import keep_adapters_in_compute_dtype
     from tuneline.modeling import DTYPES, QuantSpec
 
     train = spec["train"]
@@ -265,8 +271,12 @@ def measure(run: str, spec: dict, work: Path) -> dict:
 # ------------------------------------------------------------------------------------------- the report
 
 
+def token_lengths(dataset_dir: Path) -> pd.Series:
+    return pd.read_parquet(dataset_dir / "train.parquet", columns=["input_ids"])["input_ids"].map(len)
+
+
 def describe_lengths(dataset_dir: Path) -> str:
-    lengths = pd.read_parquet(dataset_dir / "train.parquet", columns=["input_ids"])["input_ids"].map(len)
+    lengths = token_lengths(dataset_dir)
     return f"{len(lengths)} train examples of {lengths.min()}-{lengths.max()} tokens (mean {lengths.mean():.0f})"
 
 
@@ -306,6 +316,25 @@ def report(name: str, dataset_dir: Path, runs: dict[str, dict]) -> list[str]:
     return lines
 
 
+def set_result(title: str, dataset_dir: Path, runs: dict[str, dict]) -> dict:
+    """The figures of one data set, as the JSON results hold them: what report() prints, unrounded."""
+    plain, ours = runs["plain"], runs["ours"]
+    lengths = token_lengths(dataset_dir)
+    return {
+        "title": title, "examples": len(lengths),
+        "tokens": {"min": int(lengths.min()), "max": int(lengths.max()), "mean": float(lengths.mean())},
+        "runs": {name: {**run, "tokens_per_second": tokens_per_second(run), "loss_per_token": loss_per_token(run)}
+                 for name, run in runs.items()},
+        "ours_over_plain": {
+            "speed": tokens_per_second(ours) / tokens_per_second(plain),
+            "computed_tokens": ours["computed_tokens"] / plain["computed_tokens"],
+            "peak_rss": ours["peak_rss"] / plain["peak_rss"],
+            "loss_change": loss_per_token(ours) - loss_per_token(plain),
+            "same_examples": ours["batches"] == plain["batches"],
+        },
+    }
+
+
 def train_spec(model: Path, dataset_dir: Path, steps: int, batch_size: int | None) -> dict:
     """What both runs of a data set share: params.yaml's train section with the run's length and batch."""
     train = yaml.safe_load((PROJECT / "params.yaml").read_text())["train"]
@@ -323,6 +352,8 @@ def main() -> None:
     parser.add_argument("--chat-examples", type=int, default=400, help="docstring chats written, before cleaning")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--batch-size", type=int, help="default: params.yaml's train.batch_size")
+    parser.add_argument("--out", type=Path, help=f"where the figures go as JSON (default: {RESULTS} when --model is "
+                                                 f"the pipeline's, else none)")
     parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -336,16 +367,24 @@ def main() -> None:
                              build_chat_dataset(tokenizer_dir=args.dataset / "tokenizer", out=work / "chat",
                                                 count=args.chat_examples)),
         }
+        results = {"steps": args.steps, "cpu_count": os.cpu_count(), "speed_target": SPEED_TARGET, "sets": {}}
         for name in args.sets:
             title, dataset_dir = builders[name]()
-            runs = {run: measure(run, train_spec(args.model, dataset_dir, args.steps, args.batch_size), work)
-                    for run in RUNS}
+            spec = train_spec(args.model, dataset_dir, args.steps, args.batch_size)
+            runs = {run: measure(run, spec, work) for run in RUNS}
             print("\n".join(report(title, dataset_dir, runs)), flush=True)
+            results["batch_size"] = spec["train"]["batch_size"]
+            results["sets"][name] = set_result(title, dataset_dir, runs)
             if name == "chat":
                 speed = tokens_per_second(runs["ours"]) / tokens_per_second(runs["plain"])
                 verdict = "met" if speed >= SPEED_TARGET else "NOT met"
                 print(f"target: ours >= {SPEED_TARGET}x plain's real tokens/s on varied lengths: {speed:.2f}x, "
                       f"{verdict}")
+    out = args.out or (RESULTS if args.model.resolve() == parser.get_default("model").resolve() else None)
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(results, indent=2) + "\n")
+        print(f"results: {out}")
 
 
 if __name__ == "__main__":

@@ -9,16 +9,15 @@ DVC decides what reruns (a stage whose inputs are unchanged is skipped); Prefect
 network-bound fetch, allows one retraining at a time (global concurrency limit `tuneline-retrain`, on top
 of DVC's own repo lock) and publishes a report. After a run that changed anything, the flow commits the
 run's records (dvc.lock, lineage.json, metrics, the params and data sources it ran on), then the promotion
-gate compares the new model with the promoted one on the same eval split (`promote` in params.yaml; the
-promoted model is re-scored when the eval split changed). The decision goes into registry.json, either way;
-a promoted model's commit is tagged tuneline-model@vN.0.0. A rejected model stays in its commit and the
-DVC cache: nothing is lost.
+gate (tuneline/registry.py) compares the new model with the promoted one on the same eval split (`promote`
+in params.yaml; the promoted model is re-scored when the eval split changed). The decision goes into
+registry.json, either way; a promoted model's commit is tagged tuneline-model@vN.0.0. A rejected model
+stays in its commit and the DVC cache: nothing is lost.
 """
 
 import contextlib
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -29,17 +28,16 @@ from prefect.blocks.system import Secret
 from prefect.concurrency.sync import concurrency
 from prefect.types.entrypoint import EntrypointType
 
-from tuneline.artifacts import read_json, write_json
+from tuneline.artifacts import read_json
 from tuneline.errors import TunelineError
-from tuneline.lineage import LINEAGE_FILE, MODEL_ARTIFACT, MODEL_PATH, REGISTRY_FILE, git, read_registry, utc_now
-from tuneline.params import PARAMS_FILE, PromoteParams, load_section
+from tuneline.lineage import LINEAGE_FILE, git
+from tuneline.params import PARAMS_FILE
+from tuneline.pipeline import model_path, run_records, stage_names, stage_paths
+from tuneline.registry import already_decided, promotion_gate, run_git
 
-STAGES = ("fetch", "convert", "dataset", "train", "merge", "evaluate", "lineage")
 CONCURRENCY_LIMIT = "tuneline-retrain"
 DEPLOYMENT = "tuneline-retrain"  # one scheduled retraining per server: served here or deployed to a work pool
 HF_TOKEN_BLOCK = "hf-token"  # a Prefect Secret block, used when HF_TOKEN is not set
-# What a run commits: its records, and the params and data it ran on (code stays the user's to commit).
-RUN_FILES = ("dvc.lock", LINEAGE_FILE, "metrics", "eval", "dvclive", "params.yaml", "data/sources")
 
 
 @task
@@ -64,8 +62,11 @@ def commit_run(repo_dir: Path, message: str) -> str | None:
     """Commit the run's records; return the commit that holds them (None outside a git repository)."""
     if git(repo_dir, "rev-parse", "--git-dir") is None:
         return None
-    # Data kept out of git (gitignored, e.g. tracked with `dvc add`) is recorded by its sha256 in lineage.json.
-    paths = [path for path in RUN_FILES
+    # What a run commits: its records, and the params and data sources it ran on (code stays the user's to
+    # commit). Data kept out of git (gitignored, e.g. tracked with `dvc add`) is recorded by its sha256 in
+    # lineage.json.
+    run_files = [*run_records(repo_dir), PARAMS_FILE, stage_paths(repo_dir, "dataset")[0]]
+    paths = [path for path in run_files
              if (repo_dir / path).exists() and git(repo_dir, "check-ignore", "-q", path) is None]
     run_git(repo_dir, "add", "-A", "--", *paths)
     if git(repo_dir, "diff", "--cached", "--quiet") is None:  # exit status 1: something is staged
@@ -80,114 +81,20 @@ def push_artifacts(repo_dir: Path) -> str:
     with Repo(str(repo_dir)) as repo:
         remote = repo.config["core"].get("remote")
         if not remote:
-            return "no default DVC remote: artifacts stay in this machine's cache (README: Sharing artifacts)"
+            return ("no default DVC remote: artifacts stay in this machine's cache "
+                    "(docs/pipeline.md: Sharing artifacts)")
         pushed = repo.push()
     return f"pushed {pushed} file(s) to the DVC remote '{remote}'"
 
 
-def run_git(repo_dir: Path, *args: str) -> str:
-    output = git(repo_dir, *args)
-    if output is None:
-        raise TunelineError(f"{repo_dir}: `git {' '.join(args)}` failed; check the repository's state")
-    return output
-
-
-def candidate_value(record: dict, params: PromoteParams) -> float:
-    """The new merged model's figure for `promote.metric`, from the run's metrics/eval.json."""
-    evaluation = record["metrics"].get("metrics/eval.json", {})
-    figure = evaluation.get(params.metric)
-    if not isinstance(figure, dict) or "merged" not in figure:
-        known = ", ".join(name for name, value in evaluation.items() if isinstance(value, dict) and "merged" in value)
-        raise TunelineError(
-            f"params.yaml: promote.metric: '{params.metric}' is not a figure of metrics/eval.json; "
-            f"its figures are: {known}"
-        )
-    return float(figure["merged"])
-
-
-def gate(candidate: float, promoted: float | None, params: PromoteParams) -> tuple[bool, str]:
-    """Promote only a model better than the promoted one by more than the margin; say why, either way."""
-    if promoted is None:
-        return True, f"no model promoted yet; {params.metric} {candidate:.4f}"
-    gain = candidate - promoted if params.higher_is_better else promoted - candidate
-    verdict = "beats" if gain > params.margin else "does not beat"
-    return gain > params.margin, (
-        f"{params.metric} {candidate:.4f} {verdict} the promoted model's {promoted:.4f} by more than "
-        f"{params.margin} (difference {gain:+.4f})"
-    )
-
-
-def rescore_promoted(repo_dir: Path, promoted: dict, metric: str) -> float:
-    """Score the promoted model on the current eval split: its weights come from the DVC cache at its commit."""
-    from dvc.api import DVCFileSystem
-
-    from stages.evaluate import score_model, select_rows
-    from tuneline.modeling import load_full_model, load_tokenizer, read_split
-
-    params = load_section("evaluate", repo_dir / PARAMS_FILE)
-    rows = select_rows(read_split(repo_dir / "data/dataset/eval.parquet"), params)
-    tokenizer = load_tokenizer(repo_dir / "data/dataset/tokenizer")
-    with tempfile.TemporaryDirectory(prefix="promoted-model-") as scratch:
-        model_dir = Path(scratch) / "model"  # absent: fsspec copies the directory's contents there
-        DVCFileSystem(str(repo_dir), rev=promoted["commit"]).get(MODEL_PATH, str(model_dir), recursive=True)
-        figures, _ = score_model(load_full_model(model_dir).eval(), tokenizer, rows, params, "promoted")
-    return float(figures[metric])
-
-
-@task
-def promotion_gate(repo_dir: Path, record: dict, run_commit: str | None) -> dict:
-    """Compare the new model with the promoted one on the same eval split; record the decision."""
-    params: PromoteParams = load_section("promote", repo_dir / PARAMS_FILE)
-    registry = read_registry(repo_dir)
-    model_sha256 = record["artifacts"][MODEL_PATH]["sha256"]
-    eval_split = record["artifacts"]["data/dataset"]["files"]["eval.parquet"]
-    value = candidate_value(record, params)
-    promoted = registry["promoted"]
-    compared_on = None
-    if promoted is None:
-        promoted_value = None
-    elif promoted["eval_split_sha256"] == eval_split and promoted["metric"] == params.metric:
-        promoted_value, compared_on = promoted["value"], "the same eval split (its recorded figure)"
-    elif promoted["commit"]:
-        promoted_value = rescore_promoted(repo_dir, promoted, params.metric)
-        compared_on = "the new eval split (the promoted model re-scored on it)"
-    else:
-        raise TunelineError(f"{REGISTRY_FILE}: the promoted model has no commit to re-score it from; commit runs")
-    promote, reason = gate(value, promoted_value, params)
-    entry = {
-        "decision": "promoted" if promote else "rejected",
-        "reason": reason + (f", on {compared_on}" if compared_on else ""),
-        "version": (promoted["version"] + 1 if promoted else 1) if promote else None,
-        "model_sha256": model_sha256,
-        "commit": run_commit,
-        "metric": params.metric,
-        "value": value,
-        "eval_split_sha256": eval_split,
-        "metrics": record["metrics"].get("metrics/eval.json", {}),
-        "lineage": {"base": record["base"]["source"] if record.get("base") else None,
-                    "data": record["dataset"]["inputs"] if record.get("dataset") else None,
-                    "code": record["code"]},
-        "decided_at": utc_now(),
-    }
-    registry["history"].append(entry)
-    if promote:
-        registry["promoted"] = entry
-    write_json(repo_dir / REGISTRY_FILE, registry)
-    if run_commit:
-        run_git(repo_dir, "add", REGISTRY_FILE)
-        run_git(repo_dir, "commit", "-q", "-m", f"registry: {entry['decision']} {model_sha256[:12]}: {reason}",
-                "--", REGISTRY_FILE)
-        if promote:
-            run_git(repo_dir, "tag", "-a", f"{MODEL_ARTIFACT}@v{entry['version']}.0.0", run_commit, "-m", reason)
-    return entry
-
-
-def already_decided(repo_dir: Path, model_sha256: str) -> dict | None:
-    return next((e for e in read_registry(repo_dir)["history"] if e["model_sha256"] == model_sha256), None)
+@task(name="promotion_gate")
+def decide_promotion(repo_dir: Path, record: dict, run_commit: str | None) -> dict:
+    """The promotion gate, as a task of the flow: registry.json and the tag record its decision."""
+    return promotion_gate(repo_dir, record, run_commit)
 
 
 def summary_markdown(results: list[dict], metrics: dict[str, dict], record: dict | None, decision: dict | None,
-                     note: str) -> str:
+                     note: str, model: str) -> str:
     rows = "\n".join(
         f"| {r['stage']} | {'ran' if r['ran'] else 'skipped (unchanged)'} | {r['seconds']} |" for r in results
     )
@@ -196,7 +103,7 @@ def summary_markdown(results: list[dict], metrics: dict[str, dict], record: dict
     if record:
         inputs = ", ".join(f"`{path}` {digest[:12]}" for path, digest in (record["dataset"] or {})["inputs"].items())
         lineage = (
-            f"- model `{MODEL_PATH}` sha256 `{record['artifacts'][MODEL_PATH]['sha256']}`\n"
+            f"- model `{model}` sha256 `{record['artifacts'][model]['sha256']}`\n"
             f"- base `{(record['base'] or {}).get('source')}`\n- data {inputs}\n"
             f"- code `{record['code']['commit']}`{' (dirty)' if record['code']['dirty'] else ''}"
         )
@@ -239,7 +146,7 @@ def retrain(repo_dir: Path = Path("."), commit: bool = True) -> dict:
     # starts in a scratch folder) or `tuneline retrain REPO_DIR` from elsewhere must work in the repo.
     with contextlib.chdir(repo_dir), one_retraining_at_a_time():
         results = []
-        for stage in STAGES:
+        for stage in stage_names(repo_dir):
             # Only fetch talks to the network, so only fetch is retried.
             stage_task = run_stage.with_options(name=f"dvc-{stage}", retries=3 if stage == "fetch" else 0,
                                                 retry_delay_seconds=[10, 60, 300])
@@ -251,20 +158,20 @@ def retrain(repo_dir: Path = Path("."), commit: bool = True) -> dict:
         # Also when nothing ran: a run made by hand with `dvc repro` and not yet committed gets its commit.
         run_commit = commit_run(repo_dir, f"retrain: ran {', '.join(ran) or 'nothing'}") if commit else None
         logger.info(push_artifacts(repo_dir))
-        decision = already_decided(repo_dir, record["artifacts"][MODEL_PATH]["sha256"])
+        decision = already_decided(repo_dir, record["artifacts"][model_path(repo_dir)]["sha256"])
         if decision:
             seconds = time.perf_counter() - started
             note = (f"Nothing changed: every stage's inputs are as dvc.lock recorded them ({seconds:.1f} s)."
                     if not ran else "The new model is identical to one already decided on.")
             note += f" This model was {decision['decision']} on {decision['decided_at']}."
         else:
-            decision = promotion_gate(repo_dir, record, run_commit)
+            decision = decide_promotion(repo_dir, record, run_commit)
             note = f"Ran {', '.join(ran) or 'nothing'}; the model was {decision['decision']}: {decision['reason']}."
         logger.info(note)
         metrics = read_metrics(repo_dir)
         create_markdown_artifact(
             key="tuneline-retrain-summary",
-            markdown=summary_markdown(results, metrics, record, decision, note),
+            markdown=summary_markdown(results, metrics, record, decision, note, model_path(repo_dir)),
             description="Stages ran or skipped with their durations, the metrics, the lineage and the promotion",
         )
     return {
@@ -287,7 +194,8 @@ def check_schedule(cron: str) -> None:
     if not PREFECT_API_URL.value():
         raise TunelineError(
             "PREFECT_API_URL is not set: Prefect cannot schedule on its ephemeral server. Start one with "
-            "`prefect server start` and set PREFECT_API_URL=http://127.0.0.1:4200/api (README: Scheduled retraining)"
+            "`prefect server start` and set PREFECT_API_URL=http://127.0.0.1:4200/api "
+            "(docs/retraining.md: On a schedule)"
         )
     try:
         CronSchedule(cron=cron)

@@ -19,9 +19,11 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tuneline.pipeline import stage_names
+
 PROJECT = Path(__file__).resolve().parent.parent
 VENV_BIN = Path(sys.executable).parent
-STAGES = ("fetch", "convert", "dataset", "train", "merge", "evaluate", "lineage")
+STAGES = tuple(stage_names(PROJECT))
 
 CHATML_TEMPLATE = (
     "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
@@ -40,6 +42,14 @@ CORPUS = [
 ]
 
 _RAN_STAGE = re.compile(r"Running stage '([^']+)'")
+_INTEGRATION = Path(__file__).resolve().parent / "integration"
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Everything under tests/integration/ is the integration tier: `pytest -m "not integration"` leaves it out."""
+    for item in items:
+        if _INTEGRATION in item.path.parents:
+            item.add_marker(pytest.mark.integration)
 
 
 # --------------------------------------------------------------------------------------------------- env
@@ -185,7 +195,7 @@ def tiny_dataset_dir(tmp_path_factory, tiny_model_dir, tiny_params) -> Path:
     """The dataset stage's output for the tiny params, tokenized with the tiny model's tokenizer."""
     from transformers import AutoTokenizer
 
-    from stages.dataset import build_dataset, write_outputs
+    from tuneline.data import build_dataset, write_outputs
     from tuneline.params import validate_section
 
     root = tmp_path_factory.mktemp("dataset")
@@ -213,6 +223,14 @@ def run(cmd: list[str], cwd: Path, env: dict | None = None, check: bool = True) 
     if check:
         assert result.returncode == 0, describe(result)
     return result
+
+
+def run_stage(stage: str, *args: str, cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
+    """`python -m stages.STAGE ARGS` as dvc.yaml runs it, in `cwd` (which holds its params.yaml), with this
+    project's stages/ and tuneline/ importable."""
+    env = subprocess_env()
+    env["PYTHONPATH"] = str(PROJECT)
+    return run([sys.executable, "-m", f"stages.{stage}", *args], cwd=cwd, env=env, check=check)
 
 
 def describe(result: subprocess.CompletedProcess, limit: int = 8000) -> str:
@@ -314,3 +332,44 @@ def clean_pipeline_repo(pipeline_repo, reproduced_pipeline) -> Path:
     """The session repo, clean and fully reproduced; whatever the test changes is undone afterwards."""
     yield pipeline_repo
     restore(pipeline_repo)
+
+
+# ----------------------------------------------------------------------------------------- tiny adapters
+
+
+@pytest.fixture(scope="session")
+def trained_adapter(tmp_path_factory, tiny_model_dir, tiny_params, tiny_dataset_dir) -> tuple[Path, dict, Path]:
+    """train() for 3 steps on the tiny model: (adapter dir, returned metrics, DVCLive dir)."""
+    from dvclive import Live
+
+    from tuneline.params import TrainParams
+    from tuneline.training import train
+
+    root = tmp_path_factory.mktemp("train")
+    params = TrainParams(**{**tiny_params["train"], "max_steps": 3})
+    adapter_dir = root / "adapter"
+    live_dir = root / "live"
+    with Live(dir=str(live_dir), dvcyaml=None, save_dvc_exp=False) as live:
+        metrics = train(base_dir=tiny_model_dir, dataset_dir=tiny_dataset_dir, params=params, adapter_dir=adapter_dir,
+                        live=live, run_dir=root / "checkpoints")
+    return adapter_dir, metrics, live_dir
+
+
+@pytest.fixture(scope="session")
+def perturbed_adapter(tmp_path_factory, trained_adapter) -> Path:
+    """The trained adapter with LoRA B set to sizeable random values, so the merge delta matters."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    adapter_dir = tmp_path_factory.mktemp("adapter") / "adapter"
+    shutil.copytree(trained_adapter[0], adapter_dir)
+    weights = load_file(adapter_dir / "adapter_model.safetensors")
+    generator = torch.Generator().manual_seed(1)
+    changed = 0
+    for name, tensor in weights.items():
+        if "lora_B" in name:
+            weights[name] = (torch.randn(tensor.shape, generator=generator) * 0.05).to(tensor.dtype)
+            changed += 1
+    assert changed > 0
+    save_file(weights, adapter_dir / "adapter_model.safetensors", metadata={"format": "pt"})
+    return adapter_dir

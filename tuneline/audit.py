@@ -15,7 +15,8 @@ from pathlib import Path
 import yaml
 
 from tuneline.errors import TunelineError
-from tuneline.lineage import LINEAGE_FILE, MODEL_PATH, embedded_lineage, git, read_registry, tree_sha256
+from tuneline.lineage import LINEAGE_FILE, embedded_lineage, git, read_registry, tree_sha256
+from tuneline.pipeline import model_path
 
 SHA256 = re.compile(r"[0-9a-f]{64}")
 
@@ -25,48 +26,49 @@ def audit(target: str, repo_dir: Path) -> dict:
     path = Path(target)
     if path.exists():
         sha256 = tree_sha256(path)
-        found = find_in_history(repo_dir, sha256, match_files=path.is_file())
+        found = _find_in_history(repo_dir, sha256, match_files=path.is_file())
         if found:
-            return report(repo_dir, sha256, **found)
+            return _report(repo_dir, sha256, **found)
         lineage = embedded_lineage(path)
         if lineage is None:
             raise TunelineError(
                 f"{path}: sha256 {sha256} is in no lineage.json of {repo_dir.resolve()}'s history and it carries "
                 f"no lineage (no lineage.json, no tuneline safetensors header); audit it from its pipeline's repo"
             )
-        return report(repo_dir, sha256, record=lineage, artifact=MODEL_PATH, commit=None, where="embedded")
+        return _report(repo_dir, sha256, record=lineage, artifact=str(path), commit=None, where="embedded")
     if SHA256.fullmatch(target.lower()):
-        found = find_in_history(repo_dir, target.lower(), match_files=True)
+        found = _find_in_history(repo_dir, target.lower(), match_files=True)
         if not found:
             raise TunelineError(
                 f"{target}: no artifact or file with this sha256 in the lineage.json of any commit of "
                 f"{repo_dir.resolve()} (nor in the workspace's)"
             )
-        return report(repo_dir, target.lower(), **found)
+        return _report(repo_dir, target.lower(), **found)
     output = git(repo_dir, "rev-parse", "--verify", "--quiet", f"{target}^{{commit}}")
     if output is None:
         raise TunelineError(f"{target}: not a file, a sha256 or a git revision of {repo_dir.resolve()}")
     commit = output.strip()
-    record = record_at(repo_dir, commit)
+    record = _record_at(repo_dir, commit)
     if record is None:
         raise TunelineError(f"{target}: commit {commit[:12]} holds no {LINEAGE_FILE}; it records no run")
-    sha256 = record["artifacts"][MODEL_PATH]["sha256"]
+    model = model_path(repo_dir)
+    sha256 = record["artifacts"][model]["sha256"]
     # The commit that first recorded this model, if the current branch's history has it; else this one.
-    found = find_in_history(repo_dir, sha256, match_files=False)
-    return report(repo_dir, sha256, **(found or {"record": record, "artifact": MODEL_PATH, "commit": commit,
+    found = _find_in_history(repo_dir, sha256, match_files=False)
+    return _report(repo_dir, sha256, **(found or {"record": record, "artifact": model, "commit": commit,
                                                  "where": "commit"}))
 
 
-def record_at(repo_dir: Path, commit: str) -> dict | None:
+def _record_at(repo_dir: Path, commit: str) -> dict | None:
     text = git(repo_dir, "show", f"{commit}:{LINEAGE_FILE}")
     return json.loads(text) if text else None
 
 
-def find_in_history(repo_dir: Path, sha256: str, match_files: bool) -> dict | None:
+def _find_in_history(repo_dir: Path, sha256: str, match_files: bool) -> dict | None:
     """The oldest commit whose lineage.json lists an artifact with this sha256 (or, with `match_files`, a file
     of one), else the workspace's uncommitted lineage.json; None when neither does."""
     commits = (git(repo_dir, "log", "--reverse", "--format=%H", "--", LINEAGE_FILE) or "").split()
-    candidates = [(commit, record_at(repo_dir, commit)) for commit in commits]
+    candidates = [(commit, _record_at(repo_dir, commit)) for commit in commits]
     workspace = repo_dir / LINEAGE_FILE
     if workspace.is_file():
         candidates.append((None, json.loads(workspace.read_text())))
@@ -78,14 +80,14 @@ def find_in_history(repo_dir: Path, sha256: str, match_files: bool) -> dict | No
     return None
 
 
-def report(repo_dir: Path, sha256: str, *, record: dict, artifact: str, commit: str | None, where: str) -> dict:
+def _report(repo_dir: Path, sha256: str, *, record: dict, artifact: str, commit: str | None, where: str) -> dict:
     """The facts of one artifact: itself, where it was found, and what produced it."""
     found = {"where": where, "commit": commit}
     if commit:
         found |= {
             "date": (git(repo_dir, "show", "-s", "--format=%cI", commit) or "").strip(),
             "subject": (git(repo_dir, "show", "-s", "--format=%s", commit) or "").strip(),
-            "dvc_lock_md5": dvc_lock_md5(repo_dir, commit, artifact),
+            "dvc_lock_md5": _dvc_lock_md5(repo_dir, commit, artifact),
         }
     return {
         "artifact": artifact,
@@ -99,11 +101,11 @@ def report(repo_dir: Path, sha256: str, *, record: dict, artifact: str, commit: 
         "training": record.get("training"),
         "merge": record.get("merge"),
         "metrics": record.get("metrics", {}),
-        "promotion": promotion_of(repo_dir, record, artifact),
+        "promotion": _promotion_of(repo_dir, record, artifact),
     }
 
 
-def dvc_lock_md5(repo_dir: Path, commit: str, artifact: str) -> str | None:
+def _dvc_lock_md5(repo_dir: Path, commit: str, artifact: str) -> str | None:
     """The md5 DVC recorded for the artifact in that commit's dvc.lock (what `dvc checkout` restores)."""
     lock = yaml.safe_load(git(repo_dir, "show", f"{commit}:dvc.lock") or "{}") or {}
     for stage in lock.get("stages", {}).values():
@@ -113,11 +115,11 @@ def dvc_lock_md5(repo_dir: Path, commit: str, artifact: str) -> str | None:
     return None
 
 
-def promotion_of(repo_dir: Path, record: dict, artifact: str) -> list[dict]:
+def _promotion_of(repo_dir: Path, record: dict, artifact: str) -> list[dict]:
     """The registry's decisions on this model (promoted or rejected, and why)."""
-    if artifact != MODEL_PATH or "artifacts" not in record:
+    if "artifacts" not in record or artifact != model_path(repo_dir):  # a model's own lineage names no artifacts
         return []
-    model = record["artifacts"][MODEL_PATH]["sha256"]
+    model = record["artifacts"][artifact]["sha256"]
     return [entry for entry in read_registry(repo_dir)["history"] if entry["model_sha256"] == model]
 
 
@@ -162,16 +164,16 @@ def format_report(facts: dict) -> str:
             lines.append(f"               vs the QLoRA model: KL {fidelity['kl']:.2e}, "
                          f"top-1 agreement {fidelity['top1_agreement']:.4f}")
     for path, values in facts["metrics"].items():
-        lines.append(f"metrics      {path}: " + "; ".join(f"{key} {short(value)}" for key, value in values.items()))
+        lines.append(f"metrics      {path}: " + "; ".join(f"{key} {_short(value)}" for key, value in values.items()))
     for entry in facts["promotion"]:
         version = f" as v{entry['version']}" if entry["version"] else ""
         lines.append(f"promotion    {entry['decision']}{version} on {entry['decided_at']}: {entry['reason']}")
     return "\n".join(lines)
 
 
-def short(value: object) -> str:
+def _short(value: object) -> str:
     if isinstance(value, float):
         return f"{value:.4g}"
     if isinstance(value, dict):
-        return ", ".join(f"{key} {short(inner)}" for key, inner in value.items())
+        return ", ".join(f"{key} {_short(inner)}" for key, inner in value.items())
     return str(value)

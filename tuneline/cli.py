@@ -24,13 +24,15 @@ from tuneline.errors import TunelineError
 from tuneline.params import (
     PARAMS_FILE, SECTIONS, DatasetParams, TrainParams, load_section, read_params_file, validate_section,
 )
+from tuneline.pipeline import stage_paths
 
 CRON_HELP = 'a cron schedule, e.g. "0 3 * * 1" (Mondays 03:00)'
 
 
-def check(params_file: Path, model_dir: Path) -> None:
-    """The mistakes found before `dvc repro`; each stage runs its own share of the same checks again."""
-    from stages.fetch import check_source
+def check(params_file: Path, model_dir: Path, data_dir: Path | None = None) -> None:
+    """The mistakes found before `dvc repro`; each stage runs its own share of the same checks again. The data
+    files are looked for beside `params_file`, in the folder the dataset stage reads, unless `data_dir` says."""
+    from tuneline.sources import check_source
 
     params = read_params_file(params_file)
     unknown = sorted(set(params) - set(SECTIONS))
@@ -40,20 +42,20 @@ def check(params_file: Path, model_dir: Path) -> None:
         )
     sections = {name: validate_section(name, params.get(name), params_file) for name in SECTIONS}
     check_source(sections["fetch"].source)
-    check_dataset_files(sections["dataset"], params_file.parent / "data" / "sources")
+    _check_dataset_files(sections["dataset"], data_dir or params_file.parent / _stage_path("dataset", 0))
     print(f"{params_file}: ok ({', '.join(SECTIONS)})")
-    print(check_model_fit(sections["train"], sections["dataset"], model_dir))
+    print(_check_model_fit(sections["train"], sections["dataset"], model_dir))
 
 
-def check_model_fit(train: TrainParams, dataset: DatasetParams, model_dir: Path) -> str:
+def _check_model_fit(train: TrainParams, dataset: DatasetParams, model_dir: Path) -> str:
     """LoRA targets present in the model's config, and training's memory estimate within what is free."""
     if not (model_dir / "config.json").is_file():
         return (f"{model_dir}: not converted yet; the train stage checks target modules and memory itself "
                 "(or run `dvc repro convert` and check again)")
     from transformers import AutoConfig
 
-    from stages.train import check_target_modules, check_training_memory
     from tuneline.modeling import available_memory, meta_model
+    from tuneline.training import check_target_modules, check_training_memory
 
     shapes = meta_model(AutoConfig.from_pretrained(model_dir))
     check_target_modules(shapes, train.target_modules)
@@ -62,13 +64,19 @@ def check_model_fit(train: TrainParams, dataset: DatasetParams, model_dir: Path)
             f"{train.batch_size} x {dataset.max_length} tokens, {available_memory() / 2**30:.1f} GiB is free")
 
 
-def check_dataset_files(dataset: DatasetParams, data_dir: Path) -> None:
+def _check_dataset_files(dataset: DatasetParams, data_dir: Path) -> None:
     """Each file source's path or glob matches files under the data folder (sklearn: and hf:// load later)."""
-    from stages.dataset import resolve_files
+    from tuneline.data import resolve_files
 
     for index, source in enumerate(dataset.sources):
         if not source.path.startswith(("sklearn:", "hf://")):
             resolve_files(index, source, data_dir)
+
+
+def _stage_path(stage: str, position: int) -> Path:
+    """The `position`-th path dvc.yaml passes `stage` (in the pipeline at the working directory): the default
+    of an option that names one of the pipeline's folders."""
+    return Path(stage_paths(Path("."), stage)[position])
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -76,15 +84,18 @@ def main(argv: list[str] | None = None) -> None:
     commands = parser.add_subparsers(dest="command", required=True)
     check_parser = commands.add_parser("check", help="validate params.yaml")
     check_parser.add_argument("--params", type=Path, default=PARAMS_FILE)
-    check_parser.add_argument("--model", type=Path, default=Path("models/base"),
+    check_parser.add_argument("--model", type=Path, default=None,
                               help="the converted base (default: the one the convert stage writes)")
+    check_parser.add_argument("--data", type=Path, default=None,
+                              help="the sources' folder (default: the dataset stage's, beside --params)")
     dataset_parser = commands.add_parser("dataset", help="look at the data as the model will see it")
     dataset_commands = dataset_parser.add_subparsers(dest="dataset_command", required=True)
     preview_parser = dataset_commands.add_parser("preview", help="render the first examples of every source")
     preview_parser.add_argument("-n", "--count", type=int, default=3, help="examples per source (default 3)")
     preview_parser.add_argument("--params", type=Path, default=PARAMS_FILE)
-    preview_parser.add_argument("--data", type=Path, default=Path("data/sources"), help="the sources' folder")
-    preview_parser.add_argument("--tokenizer", type=Path, default=Path("models/tokenizer"),
+    preview_parser.add_argument("--data", type=Path, default=None,
+                                help="the sources' folder (default: the one the dataset stage reads)")
+    preview_parser.add_argument("--tokenizer", type=Path, default=None,
                                 help="a tokenizer directory (default: the one the convert stage writes)")
     retrain_parser = commands.add_parser("retrain", help="run the Prefect retrain flow")
     retrain_parser.add_argument("repo_dir", type=Path, nargs="?", default=Path("."))
@@ -105,12 +116,13 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     try:
         if args.command == "check":
-            check(args.params, args.model)
+            check(args.params, args.model or _stage_path("convert", 1), args.data)
         elif args.command == "dataset":
-            from stages.dataset import preview
+            from tuneline.data import preview
 
             params = load_section("dataset", args.params)
-            print(preview(params=params, data_dir=args.data, tokenizer_dir=args.tokenizer, count=args.count))
+            print(preview(params=params, data_dir=args.data or _stage_path("dataset", 0),
+                          tokenizer_dir=args.tokenizer or _stage_path("dataset", 1), count=args.count))
         elif args.command == "retrain":
             from flows.retrain import retrain
 

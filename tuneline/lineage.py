@@ -18,17 +18,14 @@ from pathlib import Path
 from safetensors import safe_open
 
 from tuneline.artifacts import read_json, sha256_file
+from tuneline.pipeline import MODEL_ARTIFACT, model_path, run_records
 
 FETCH_MANIFEST = "tuneline_manifest.json"  # in models/fetched: source and sha256 of each file
 LINEAGE_FILE = "lineage.json"  # in data/dataset and the merged model, and the run's record at the repo root
 BASE_SOURCE_FILE = "tuneline_source.json"  # in models/base: where the weights came from
 ADAPTER_LINEAGE_FILE = "tuneline_lineage.json"  # in models/adapter: base, data and train params
 METADATA_KEY = "tuneline.lineage"  # safetensors header key holding the lineage as JSON
-MODEL_PATH = "models/merged"  # the model that is promoted and audited by default
-MODEL_ARTIFACT = "tuneline-model"  # dvc.yaml's artifacts: section; promoted runs are tagged tuneline-model@vN.0.0
 REGISTRY_FILE = "registry.json"  # every promotion decision, written by the retrain flow
-# Files that pipeline runs write and commit: a change to them alone does not make the code "dirty".
-RUN_RECORDS = ("dvc.lock", LINEAGE_FILE, REGISTRY_FILE, "metrics", "eval", "dvclive")
 
 
 def file_hashes(path: Path) -> dict[str, str]:
@@ -63,12 +60,13 @@ def git(repo_dir: Path, *args: str) -> str | None:
 
 
 def code_version(repo_dir: Path) -> dict:
-    """The git commit the code was run from, and whether tracked files other than run records differ."""
+    """The git commit the code was run from, and whether tracked files other than run records differ (what runs
+    write for git, and the registry, do not make the code "dirty")."""
     commit = git(repo_dir, "rev-parse", "HEAD")
     if commit is None:
         return {"commit": None, "dirty": None, "dirty_files": []}
     status = git(repo_dir, "status", "--porcelain", "--untracked-files=no", "--", ".",
-                 *(f":(exclude){path}" for path in RUN_RECORDS)) or ""
+                 *(f":(exclude){path}" for path in [*run_records(repo_dir), REGISTRY_FILE])) or ""
     dirty_files = sorted(line[3:] for line in status.splitlines())
     return {"commit": commit.strip(), "dirty": bool(dirty_files), "dirty_files": dirty_files}
 
@@ -90,7 +88,7 @@ def read_registry(repo_dir: Path) -> dict:
     """registry.json: {"promoted": the current model's decision or None, "history": every decision}."""
     path = repo_dir / REGISTRY_FILE
     if not path.exists():
-        return {"artifact": MODEL_ARTIFACT, "path": MODEL_PATH, "promoted": None, "history": []}
+        return {"artifact": MODEL_ARTIFACT, "path": model_path(repo_dir), "promoted": None, "history": []}
     return read_json(path)
 
 

@@ -185,7 +185,7 @@ def read_params_file(path: Path = PARAMS_FILE) -> dict:
         raise TunelineError(f"{path}: not valid YAML ({' '.join(str(error).split())})") from None
     if not isinstance(params, dict):
         raise TunelineError(f"{path}: expected a mapping with one section per stage")
-    refuse_secrets(params, path)
+    _refuse_secrets(params, path)
     return params
 
 
@@ -200,7 +200,7 @@ SECRET_PATTERNS = {
 SECRET_KEYS = re.compile(r"(.*_)?(token|password|passwd|secret|api_?key|credentials?)", re.IGNORECASE)
 
 
-def refuse_secrets(node: object, path: Path, key: str = "") -> None:
+def _refuse_secrets(node: object, path: Path, key: str = "") -> None:
     """Stop at the first value that looks like a credential, naming its key but never echoing the value."""
     if isinstance(node, dict):
         for name, value in node.items():
@@ -210,10 +210,10 @@ def refuse_secrets(node: object, path: Path, key: str = "") -> None:
                     f"{path}: {child}: params.yaml must hold no credentials (it is committed and copied into "
                     f"dvc.lock); remove the key and export HF_TOKEN (or use a Prefect Secret block) instead"
                 )
-            refuse_secrets(value, path, child)
+            _refuse_secrets(value, path, child)
     elif isinstance(node, list):
         for index, value in enumerate(node):
-            refuse_secrets(value, path, f"{key}[{index}]")
+            _refuse_secrets(value, path, f"{key}[{index}]")
     elif isinstance(node, str):
         for kind, pattern in SECRET_PATTERNS.items():
             if pattern.search(node):
@@ -230,7 +230,7 @@ def validate_section(name: str, raw: object, path: Path = PARAMS_FILE) -> Sectio
     try:
         return SECTIONS[name].model_validate(raw)
     except ValidationError as error:
-        raise TunelineError(f"{path}: {describe_validation_error(name, error)}") from None
+        raise TunelineError(f"{path}: {_describe_validation_error(name, error)}") from None
 
 
 def load_section(name: str, path: Path = PARAMS_FILE) -> Section:
@@ -244,7 +244,7 @@ SOURCE_FORMATS = {
 }
 
 
-def describe_validation_error(section: str, error: ValidationError) -> str:
+def _describe_validation_error(section: str, error: ValidationError) -> str:
     first = error.errors()[0]
     loc = first["loc"]
     # Only the top-level key: deeper parts of pydantic's loc can be type tags (a union's "list[str]").

@@ -86,7 +86,7 @@ def read_bytes(path: Path, offset: int, size: int) -> torch.Tensor:
     return buffer
 
 
-def bytes_tensor(path: Path, offset: int, dtype: torch.dtype, shape: tuple[int, ...]) -> LazyTensor:
+def _bytes_tensor(path: Path, offset: int, dtype: torch.dtype, shape: tuple[int, ...]) -> LazyTensor:
     """A lazy tensor stored contiguously at `offset` of `path`."""
     def read() -> torch.Tensor:
         return read_bytes(path, offset, prod(shape) * dtype.itemsize).view(dtype).reshape(shape)
@@ -102,7 +102,7 @@ def read_safetensors(path: Path) -> dict[str, LazyTensor]:
             header = json.loads(file.read(header_size))
         header.pop("__metadata__", None)
         entries = sorted(header.items(), key=lambda item: item[1]["data_offsets"][0])
-        return {name: bytes_tensor(path, 8 + header_size + entry["data_offsets"][0],
+        return {name: _bytes_tensor(path, 8 + header_size + entry["data_offsets"][0],
                                    SAFETENSORS_DTYPES[entry["dtype"]], tuple(entry["shape"]))
                 for name, entry in entries}
     except (struct.error, ValueError, KeyError, TypeError, AttributeError, MemoryError, OverflowError) as error:
@@ -136,7 +136,7 @@ def _rebuild_lazy_tensor(storage: _LazyStorage, storage_offset: int, size, strid
     """Stands in for torch._utils._rebuild_tensor_v2: describes the tensor instead of building it."""
     shape, itemsize = tuple(size), storage.dtype.itemsize
     if tuple(stride) == tuple(torch.empty(shape, device="meta").stride()):
-        return bytes_tensor(storage.path, storage.offset + storage_offset * itemsize, storage.dtype, shape)
+        return _bytes_tensor(storage.path, storage.offset + storage_offset * itemsize, storage.dtype, shape)
 
     def read_strided() -> torch.Tensor:
         whole = read_bytes(storage.path, storage.offset, storage.numel * itemsize).view(storage.dtype)
@@ -169,7 +169,7 @@ class _LazyUnpickler(pickle.Unpickler):
         return _LazyStorage(self.path, self.data_offsets[str(key)], dtype, numel)
 
 
-def zip_data_offsets(archive: zipfile.ZipFile, path: Path) -> dict[str, int]:
+def _zip_data_offsets(archive: zipfile.ZipFile, path: Path) -> dict[str, int]:
     """Byte offset in the file of each storage's data (`<archive>/data/<key>`, stored uncompressed)."""
     offsets = {}
     with path.open("rb") as file:
@@ -191,7 +191,7 @@ def read_torch_file(path: Path) -> dict[str, LazyTensor]:
     try:
         with zipfile.ZipFile(path) as archive:
             pickle_name = next(name for name in archive.namelist() if name.endswith("data.pkl"))
-            data_offsets = zip_data_offsets(archive, path)
+            data_offsets = _zip_data_offsets(archive, path)
             with archive.open(pickle_name) as file:
                 state = _LazyUnpickler(file, path, data_offsets).load()
     except (pickle.UnpicklingError, StopIteration, KeyError, EOFError, zipfile.BadZipFile) as error:
@@ -215,7 +215,7 @@ def plan_shards(shapes: dict[str, tuple[int, ...]], itemsize: int, max_shard_siz
     return shards
 
 
-def shard_name(index: int, count: int) -> str:
+def _shard_name(index: int, count: int) -> str:
     return "model.safetensors" if count == 1 else f"model-{index + 1:05d}-of-{count:05d}.safetensors"
 
 
@@ -265,7 +265,7 @@ class ShardedSafetensorsWriter:
             offset += nbytes
         encoded = json.dumps(header, separators=(",", ":")).encode()
         encoded += b" " * (-len(encoded) % 8)  # the data starts 8-byte aligned, as safetensors itself writes
-        self.file = (self.out_dir / shard_name(index, len(self.shards))).open("wb")
+        self.file = (self.out_dir / _shard_name(index, len(self.shards))).open("wb")
         self.file.write(struct.pack("<Q", len(encoded)) + encoded)
 
     def _close_shard(self) -> None:
@@ -281,7 +281,7 @@ class ShardedSafetensorsWriter:
             raise ValueError(f"{len(self.order) - self.written} planned tensors were never written, "
                              f"the first: {self.order[self.written]}")
         if len(self.shards) > 1:
-            weight_map = {name: shard_name(index, len(self.shards))
+            weight_map = {name: _shard_name(index, len(self.shards))
                           for index, names in enumerate(self.shards) for name in names}
             index_json = {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}
             (self.out_dir / INDEX_FILE).write_text(json.dumps(index_json, indent=2))

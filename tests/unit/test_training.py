@@ -1,9 +1,8 @@
-"""Training at scale: padding-free batches that train exactly like padded ones, the throughput benchmark on the
-tiny model, and DDP under a launcher (two CPU processes, gloo)."""
+"""tuneline/training.py: QLoRA training of the tiny model, its checks, the adapter it writes, padding-free batches
+that train exactly like padded ones, the launcher's command and complete checkpoints."""
 
 import json
-import re
-import subprocess
+import math
 import sys
 from pathlib import Path
 
@@ -11,11 +10,112 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import PROJECT, describe, subprocess_env, write_params
+from tuneline.errors import TunelineError
 from tuneline.params import TrainParams
 
 STAGE_ARGS = ["models/base", "data/dataset", "models/adapter", "metrics/train.json", "dvclive/train",
               "checkpoints/train"]
+
+
+
+class TestTrain:
+    def test_check_target_modules(self, tiny_model_dir):
+        from tuneline.training import check_target_modules
+        from tuneline.modeling import load_full_model
+
+        model = load_full_model(tiny_model_dir)
+        check_target_modules(model, "all-linear")
+        check_target_modules(model, ["q_proj", "v_proj", "down_proj"])
+        with pytest.raises(TunelineError) as error:
+            check_target_modules(model, ["q_proj", "no_such_module"])
+        message = str(error.value)
+        assert "train.target_modules" in message and "'no_such_module'" in message
+        assert "q_proj" in message  # lists the layers that exist
+
+    def test_train_writes_adapter(self, trained_adapter, tiny_params):
+        adapter_dir, metrics, live_dir = trained_adapter
+        for name in ("adapter_config.json", "adapter_model.safetensors", "tuneline_quantization.json"):
+            assert (adapter_dir / name).is_file(), name
+        spec = json.loads((adapter_dir / "tuneline_quantization.json").read_text())
+        train = tiny_params["train"]
+        assert spec == {"quant_type": train["quant_type"], "double_quant": train["double_quant"],
+                        "compute_dtype": train["compute_dtype"]}
+        config = json.loads((adapter_dir / "adapter_config.json").read_text())
+        assert config["r"] == train["lora_r"] and config["lora_alpha"] == train["lora_alpha"]
+        assert metrics["steps"] == 3
+        assert all(math.isfinite(metrics[key]) for key in ("train_loss", "first_loss", "final_loss"))
+        assert metrics["trainable_parameters"] > 0
+        weights = load_file(adapter_dir / "adapter_model.safetensors")
+        assert any("lora_A" in name for name in weights) and any("lora_B" in name for name in weights)
+        # adapters stay in the compute dtype (float32), not TRL's bf16
+        assert {t.dtype for t in weights.values()} == {torch.float32}
+        # nothing beside the adapter but the live dir and the run's checkpoints (the trainer saves the last
+        # step too; the stage's main() deletes them once the adapter is written)
+        assert sorted(p.name for p in adapter_dir.parent.iterdir()) == ["adapter", "checkpoints", "live"]
+        assert [p.name for p in (adapter_dir.parent / "checkpoints").glob("checkpoint-*")] == ["checkpoint-3"]
+        assert (live_dir / "plots" / "metrics" / "loss.tsv").is_file()
+
+    def test_missing_quant_spec_is_named(self, tmp_path):
+        from tuneline.modeling import QuantSpec
+
+        with pytest.raises(TunelineError, match="tuneline_quantization.json: missing"):
+            QuantSpec.load(tmp_path)
+
+    @staticmethod
+    def run_train(tmp_path: Path, tiny_model_dir: Path, train_params: dict, dataset_dir: Path) -> Path:
+        """train() into tmp_path/models/adapter; returns tmp_path/models (the adapter's parent)."""
+        from dvclive import Live
+
+        from tuneline.training import train
+
+        params = TrainParams(**{**train_params, "max_steps": 1})
+        root = tmp_path / "models"
+        root.mkdir(exist_ok=True)
+        with Live(dir=str(tmp_path / "live"), dvcyaml=None, save_dvc_exp=False) as live:
+            train(base_dir=tiny_model_dir, dataset_dir=dataset_dir, params=params, adapter_dir=root / "adapter", live=live,
+                  run_dir=tmp_path / "checkpoints")
+        return root
+
+    @pytest.mark.parametrize("key, value", [("optim", "adamw_typo"), ("lr_scheduler", "cosinus")])
+    def test_unknown_trainer_choice_is_a_tuneline_error(self, tmp_path, tiny_model_dir, tiny_params, tiny_dataset_dir, key, value):
+        with pytest.raises(TunelineError) as error:
+            self.run_train(tmp_path, tiny_model_dir, {**tiny_params["train"], key: value}, tiny_dataset_dir)
+        assert f"train.{key}" in str(error.value) and value in str(error.value)
+        assert list((tmp_path / "models").iterdir()) == []
+
+    def test_a_batch_too_big_for_memory_stops_before_loading_the_model(self, tmp_path, tiny_model_dir, tiny_params,
+                                                                        tiny_dataset_dir, monkeypatch):
+        import tuneline.training
+
+        monkeypatch.setattr(tuneline.training, "load_quantized_model", lambda *args: pytest.fail("model was loaded"))
+        with pytest.raises(TunelineError) as error:
+            self.run_train(tmp_path, tiny_model_dir, {**tiny_params["train"], "batch_size": 10**6}, tiny_dataset_dir)
+        assert str(error.value).startswith("params.yaml: train.batch_size: 1000000 sequences of ")
+        assert "tokens (the longest in train.parquet) need about " in str(error.value)
+
+    def test_failure_during_training_leaves_no_scratch_dir(self, tmp_path, tiny_model_dir, tiny_params, tiny_dataset_dir,
+                                                           monkeypatch):
+        import tuneline.training
+
+        def crash(self, *args, **kwargs):
+            raise RuntimeError("killed mid-training")
+
+        monkeypatch.setattr(tuneline.training.SFTTrainer, "train", crash)
+        with pytest.raises(RuntimeError, match="killed mid-training"):
+            self.run_train(tmp_path, tiny_model_dir, tiny_params["train"], tiny_dataset_dir)
+        assert list((tmp_path / "models").iterdir()) == []
+
+    def test_failure_building_the_trainer_leaves_no_scratch_dir(self, tmp_path, tiny_model_dir, tiny_params,
+                                                                tiny_dataset_dir, monkeypatch):
+        import tuneline.training
+
+        def crash(*args, **kwargs):
+            raise RuntimeError("could not build the trainer")
+
+        monkeypatch.setattr(tuneline.training, "SFTTrainer", crash)
+        with pytest.raises(RuntimeError, match="could not build the trainer"):
+            self.run_train(tmp_path, tiny_model_dir, tiny_params["train"], tiny_dataset_dir)
+        assert list((tmp_path / "models").iterdir()) == []
 
 
 # ------------------------------------------------------------------------------------------- padding-free
@@ -26,7 +126,7 @@ def tiny_trainer(tmp_path_factory, tiny_model_dir, tiny_params, tiny_dataset_dir
     """The train stage's SFTTrainer on the tiny 4-bit model, its adapter made to matter (LoRA B non-zero)."""
     from datasets import Dataset
 
-    from stages.train import build_trainer
+    from tuneline.training import build_trainer
     from tuneline.modeling import QuantSpec, load_quantized_model, load_tokenizer
 
     params = TrainParams(**tiny_params["train"])
@@ -100,7 +200,7 @@ def test_a_model_whose_attention_cannot_take_packed_rows_is_named(tiny_params):
     attend to each other, so the stage stops and names the key."""
     from types import SimpleNamespace
 
-    from stages.train import use_packed_attention
+    from tuneline.training import use_packed_attention
     from tuneline.errors import TunelineError
 
     model = SimpleNamespace(config=SimpleNamespace(_attn_implementation="eager"),
@@ -108,38 +208,6 @@ def test_a_model_whose_attention_cannot_take_packed_rows_is_named(tiny_params):
     with pytest.raises(TunelineError, match=r"^params.yaml: train.padding_free: SimpleNamespace cannot take packed "
                                             r"rows .*; set train.padding_free: false$"):
         use_packed_attention(model)
-
-
-# ------------------------------------------------------------------------------------------- the benchmark
-
-TABLE_ROW = re.compile(
-    r"^\s+(?P<run>plain|ours)\s+(?P<steps>\d+)\s+(?P<real>[\d,]+)\s+(?P<computed>[\d,]+)\s+[\d.]+\s+[\d.]+"
-    r"\s+[\d.]+ GiB\s+(?P<loss>[\d.]+)$",
-    re.MULTILINE,
-)
-
-
-def test_the_throughput_benchmark_on_the_tiny_model(tiny_model_dir, tiny_dataset_dir):
-    """What the benchmark's reader relies on: both runs train on the same tokens, ours computes fewer on varied
-    lengths, the losses agree, and the table is printed."""
-    result = subprocess.run(
-        [sys.executable, "benchmarks/train_throughput.py", "--model", str(tiny_model_dir), "--dataset",
-         str(tiny_dataset_dir), "--sets", "chat", "--chat-examples", "150", "--steps", "3", "--batch-size", "4"],
-        cwd=PROJECT, env={**subprocess_env(), "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
-    )
-    assert result.returncode == 0, describe(result)
-    out = result.stdout
-    rows = {match["run"]: match for match in TABLE_ROW.finditer(out)}
-    assert set(rows) == {"plain", "ours"}, out
-    plain, ours = rows["plain"], rows["ours"]
-    assert plain["steps"] == ours["steps"] == "3"
-    assert plain["real"] == ours["real"]
-    assert int(ours["computed"].replace(",", "")) < int(plain["computed"].replace(",", ""))
-    assert float(ours["loss"]) == pytest.approx(float(plain["loss"]), rel=0.01)
-    assert re.search(r"token ids and loss mask equal to the dataset stage's: (\d+)/\1 examples", out), out
-    assert "same examples in every step: yes" in out
-    assert re.search(r"ours/plain: speed [\d.]+x", out)
-    assert re.search(r"target: ours >= 1.5x .*: [\d.]+x, (met|NOT met)", out)
 
 
 # ------------------------------------------------------------------------------------------- the launcher
@@ -151,14 +219,14 @@ def test_the_throughput_benchmark_on_the_tiny_model(tiny_model_dir, tiny_dataset
                     "--main_process_port", "0", "--mixed_precision", "no", "--dynamo_backend", "no"]),
 ])
 def test_the_launcher_command_for_two_processes(tiny_params, launcher, expected):
-    from stages.train import launcher_command
+    from tuneline.training import launcher_command
 
     params = TrainParams(**{**tiny_params["train"], "launcher": launcher, "num_processes": 2})
     assert launcher_command(params, STAGE_ARGS) == [sys.executable, *expected, "-m", "stages.train", *STAGE_ARGS]
 
 
 def test_processes_without_a_launcher_are_one_line_naming_the_key(tiny_params):
-    from stages.train import check_launcher
+    from tuneline.training import check_launcher
     from tuneline.errors import TunelineError
 
     with pytest.raises(TunelineError, match=r"^params.yaml: train.num_processes: 2 processes need a launcher; set "
@@ -166,56 +234,10 @@ def test_processes_without_a_launcher_are_one_line_naming_the_key(tiny_params):
         check_launcher(TrainParams(**{**tiny_params["train"], "num_processes": 2}))
 
 
-def test_train_under_torchrun_in_two_cpu_processes_resumes_and_writes_once(tmp_path, params, tiny_model_dir,
-                                                                           tiny_dataset_dir):
-    """`python -m stages.train` relaunches itself in two gloo processes. Killed while they write their third
-    checkpoint, it resumes from the second; both processes train every step in step, and the main one writes."""
-    params["train"].update(launcher="torchrun", num_processes=2, max_steps=4, batch_size=2, save_steps=1)
-    write_params(tmp_path, params)
-    command = [sys.executable, "-m", "stages.train", str(tiny_model_dir), str(tiny_dataset_dir), "adapter",
-               "metrics.json", "live", "checkpoints"]
-    env = {**subprocess_env(), "OMP_NUM_THREADS": "1"}
-    kill = {"PYTHONPATH": str(PROJECT / "tests" / "faults"),
-            "TUNELINE_KILL": "stages.train:transformers.trainer:Trainer._save_rng_state:3"}
-    killed = subprocess.run(command, cwd=tmp_path, env={**env, **kill}, capture_output=True, text=True, timeout=300)
-    assert killed.returncode != 0 and "fault injection: SIGKILL" in killed.stderr, describe(killed)
-    assert not (tmp_path / "adapter").exists() and not (tmp_path / "metrics.json").exists()
-
-    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, describe(result)
-    assert "train: torchrun runs 2 processes" in result.stdout
-    assert re.search(r"train: resuming from checkpoints/\w+/checkpoint-2 ", result.stdout), describe(result)
-    digests = dict(re.findall(r"train: rank (\d) of 2: 4 steps, adapter sha256 (\w+)", result.stdout))
-    assert set(digests) == {"0", "1"}, describe(result)  # both processes trained every step...
-    assert digests["0"] == digests["1"]  # ...in step (DDP), and the adapter written is what each of them holds
-    assert result.stdout.count("train: loss ") == 1  # only the main process reports
-
-    metrics = json.loads((tmp_path / "metrics.json").read_text())
-    assert metrics["world_size"] == 2 and metrics["steps"] == 4 and metrics["resumed_from_step"] == 2
-    assert sorted(path.name for path in tmp_path.iterdir()) == ["adapter", "live", "metrics.json", "params.yaml"]
-    assert saved_digest(load_file(tmp_path / "adapter" / "adapter_model.safetensors")) == digests["0"]
-    assert (tmp_path / "live" / "plots" / "metrics" / "loss.tsv").is_file()
-
-    from peft import PeftModel
-
-    from tuneline.modeling import load_full_model
-
-    PeftModel.from_pretrained(load_full_model(tiny_model_dir), tmp_path / "adapter")  # loadable
-
-
-def saved_digest(weights: dict[str, torch.Tensor]) -> str:
-    import hashlib
-
-    digest = hashlib.sha256()
-    for _, tensor in sorted(weights.items()):
-        digest.update(tensor.contiguous().numpy().tobytes())
-    return digest.hexdigest()[:16]
-
-
 def test_a_checkpoint_of_two_processes_is_complete_with_both_rng_states(tmp_path):
     """A kill between the main process's trainer_state.json and the other's RNG state leaves a checkpoint that
     looks whole to one process: resuming must skip it."""
-    from stages.train import CHECKPOINT_FILES, last_complete_checkpoint
+    from tuneline.training import CHECKPOINT_FILES, last_complete_checkpoint
 
     for step, ranks in ((1, [0, 1]), (2, [0])):
         checkpoint = tmp_path / f"checkpoint-{step}"

@@ -1,5 +1,6 @@
-"""The evaluate stage: likelihood scoring, generation in every decoding mode, and each metric kind on
-outputs with known answers (a perfect, a wrong and a malformed output each give the expected figure)."""
+"""tuneline/scoring.py and eval_report.py: likelihood scoring, generation in every decoding mode, each metric kind
+on outputs with known answers (a perfect, a wrong and a malformed output each give the expected figure), the
+eval pages."""
 
 import json
 import math
@@ -38,7 +39,7 @@ class TestEvaluate:
     PAD = 0  # the tiny tokenizer's <|endoftext|>
 
     def test_left_padded_batch_equals_rows_alone_and_direct_computation(self, tiny_model, eval_rows):
-        from stages.evaluate import completion_logprobs
+        from tuneline.scoring import completion_logprobs
 
         pairs = [
             (list(row.input_ids[: row.prompt_length - cut]), list(ids))
@@ -54,7 +55,7 @@ class TestEvaluate:
             assert lp_alone == pytest.approx(direct_logprob(tiny_model, ids, len(prompt), len(ids)), abs=1e-4)
 
     def test_answer_loss_is_the_mean_over_trained_tokens(self, tiny_model, eval_rows):
-        from stages.evaluate import answer_losses, mean_loss
+        from tuneline.scoring import answer_losses, mean_loss
 
         rows = eval_rows.iloc[:5]
         total = tokens = 0
@@ -66,7 +67,7 @@ class TestEvaluate:
         assert mean_loss(losses) == pytest.approx(total / tokens, rel=1e-4)
 
     def test_classify_picks_the_most_likely_choice(self, tiny_model, eval_rows):
-        from stages.evaluate import classify
+        from tuneline.scoring import classify
 
         rows = eval_rows[eval_rows["label"].notna()].iloc[:6]
         predicted = classify(tiny_model, self.PAD, rows, batch_size=4, desc="classify")
@@ -78,7 +79,7 @@ class TestEvaluate:
             assert prediction == max(scores, key=scores.get)
 
     def test_logistic_regression_baseline(self, tiny_dataset_dir, eval_rows):
-        from stages.evaluate import logistic_regression_accuracy
+        from tuneline.scoring import logistic_regression_accuracy
         from tuneline.modeling import read_split
 
         train = read_split(tiny_dataset_dir / "train.parquet")
@@ -91,7 +92,7 @@ class TestEvaluate:
 
 class TestFreeText:
     def test_exact_match_ignores_case_and_spacing_only(self):
-        from stages.evaluate import exact_match
+        from tuneline.scoring import exact_match
 
         assert exact_match(["Paris", "  the  Moon ", "Madrid."], ["paris", "the moon", "Madrid"]) == pytest.approx(2 / 3)
         assert exact_match(["Rome"], ["Paris"]) == 0.0
@@ -109,7 +110,7 @@ class TestFreeText:
         ],
     )
     def test_rouge_l(self, output, reference, expected):
-        from stages.evaluate import rouge_l
+        from tuneline.scoring import rouge_l
 
         assert rouge_l(output, reference) == pytest.approx(expected)
 
@@ -131,7 +132,7 @@ class TestMcq:
         ],
     )
     def test_parse_mcq(self, output, valid):
-        from stages.evaluate import parse_mcq
+        from tuneline.scoring import parse_mcq
 
         parsed = parse_mcq(output)
         assert (parsed is not None) == valid
@@ -139,7 +140,7 @@ class TestMcq:
             assert parsed["key"] in "ABCD" and len(parsed["options"]) == 4
 
     def test_scores_for_perfect_wrong_key_and_malformed_outputs(self):
-        from stages.evaluate import mcq_scores
+        from tuneline.scoring import mcq_scores
 
         wrong_key = REFERENCE_MCQ.replace("Answer: A", "Answer: C")
         malformed = "Question: What falls from clouds?\nA. snow"
@@ -154,7 +155,7 @@ class TestMcq:
 
 class TestLabel:
     def test_accuracy_and_macro_f1(self):
-        from stages.evaluate import label_scores
+        from tuneline.scoring import label_scores
 
         truth = ["benign", "benign", "malignant", "malignant"]
         assert label_scores(truth, truth) == {"accuracy": 1.0, "macro_f1": 1.0}
@@ -169,7 +170,7 @@ class TestMergedMatchesQlora:
                "eval_loss": {"base": 5.2, "qlora": 0.2, "merged": 0.2000001}, "examples": {"label": 10}}
 
     def test_an_exact_merge_allows_no_change_in_rates(self):
-        from stages.evaluate import merge_tolerances, merged_vs_qlora
+        from tuneline.scoring import merge_tolerances, merged_vs_qlora
 
         tolerances = merge_tolerances({"kl": 3e-11, "top1_agreement": 1.0}, max_new_tokens=16)
         assert tolerances["rate"] == 0.0
@@ -179,7 +180,7 @@ class TestMergedMatchesQlora:
         assert len(problems) == 1 and problems[0].startswith("accuracy: merged 0.8 vs QLoRA 0.9")
 
     def test_a_lossy_merge_allows_what_it_predicts(self):
-        from stages.evaluate import merge_tolerances, merged_vs_qlora
+        from tuneline.scoring import merge_tolerances, merged_vs_qlora
 
         tolerances = merge_tolerances({"kl": 0.49, "top1_agreement": 0.70}, max_new_tokens=1)
         drifted = {**self.METRICS, "accuracy": {**self.METRICS["accuracy"], "merged": 0.8},
@@ -214,7 +215,7 @@ def prompts(eval_rows) -> list[list[int]]:
 class TestGeneration:
     @pytest.mark.parametrize("mode", ["greedy", "beam", "sample"])
     def test_every_decoding_mode_answers_every_prompt(self, tiny_model, tiny_tokenizer, prompts, mode):
-        from stages.evaluate import generate
+        from tuneline.scoring import generate
 
         assert len({len(prompt) for prompt in prompts}) == 3
         answers = generate(tiny_model, tiny_tokenizer, prompts, generation_params(mode=mode), batch_size=3, desc=mode)
@@ -223,7 +224,7 @@ class TestGeneration:
         assert again == answers  # sampling too: the seed is in params
 
     def test_greedy_batched_with_left_padding_equals_one_prompt_at_a_time(self, tiny_model, tiny_tokenizer, prompts):
-        from stages.evaluate import generate
+        from tuneline.scoring import generate
 
         params = generation_params(max_new_tokens=5)
         batched = generate(tiny_model, tiny_tokenizer, prompts, params, batch_size=3, desc="batched")
@@ -239,7 +240,7 @@ class TestGeneration:
         assert alone[0] == tiny_tokenizer.decode(new[: ends[0] if ends else None], skip_special_tokens=True).strip()
 
     def test_sampling_seed_changes_the_draw(self, tiny_model, tiny_tokenizer, prompts):
-        from stages.evaluate import generate
+        from tuneline.scoring import generate
 
         draws = {tuple(generate(tiny_model, tiny_tokenizer, prompts, generation_params(mode="sample", temperature=2.0,
                                                                                       top_k=0, top_p=1.0, seed=seed),
@@ -247,7 +248,7 @@ class TestGeneration:
         assert len(draws) > 1
 
     def test_decoding_options_follow_the_mode(self):
-        from stages.evaluate import decoding_options
+        from tuneline.scoring import decoding_options
 
         assert decoding_options(generation_params(mode="greedy")) == {
             "max_new_tokens": 6, "repetition_penalty": 1.0, "do_sample": False, "num_beams": 1}
@@ -260,28 +261,12 @@ class TestGeneration:
 
 
 @pytest.fixture(scope="module")
-def trained_adapter_dir(tmp_path_factory, tiny_model_dir, tiny_params, tiny_dataset_dir):
-    """A QLoRA adapter after one training step on the tiny model."""
-    from dvclive import Live
-
-    from stages.train import train
-    from tuneline.params import TrainParams
-
-    root = tmp_path_factory.mktemp("adapter")
-    params = TrainParams(**{**tiny_params["train"], "max_steps": 1})
-    with Live(dir=str(root / "live"), dvcyaml=None, save_dvc_exp=False) as live:
-        train(base_dir=tiny_model_dir, dataset_dir=tiny_dataset_dir, params=params, adapter_dir=root / "adapter", live=live,
-              run_dir=root / "checkpoints")
-    return root / "adapter"
-
-
-@pytest.fixture(scope="module")
-def stage_result(tiny_model_dir, trained_adapter_dir, tiny_dataset_dir, tiny_params):
+def stage_result(tiny_model_dir, trained_adapter, tiny_dataset_dir, tiny_params):
     """evaluate() on the tiny model with the tiny params' evaluate section (every eval row, all kinds)."""
-    from stages.evaluate import evaluate
+    from tuneline.scoring import evaluate
 
     params = validate_section("evaluate", {**tiny_params["evaluate"], "max_examples": 0})
-    return evaluate(base_dir=tiny_model_dir, adapter_dir=trained_adapter_dir, merged_dir=tiny_model_dir,
+    return evaluate(base_dir=tiny_model_dir, adapter_dir=trained_adapter[0], merged_dir=tiny_model_dir,
                     dataset_dir=tiny_dataset_dir, merge_metrics={"kl": 1e-12, "top1_agreement": 1.0}, params=params)
 
 
@@ -298,7 +283,7 @@ class TestEvaluateStage:
         assert metrics["merged_matches_qlora"] is False
 
     def test_eval_dir_tables(self, stage_result, tmp_path):
-        from stages.evaluate import write_eval_dir
+        from tuneline.eval_report import write_eval_dir
 
         _, rows, outputs = stage_result
         write_eval_dir(tmp_path, rows, outputs)
@@ -314,7 +299,7 @@ class TestEvaluateStage:
         assert confusion == [{"actual": p["label"], "predicted": p["merged"]} for p in predictions]
 
     def test_kind_override(self, eval_rows, tiny_params):
-        from stages.evaluate import select_rows
+        from tuneline.scoring import select_rows
 
         params = validate_section("evaluate", {**tiny_params["evaluate"], "max_examples": 0, "kind": "free_text"})
         assert set(select_rows(eval_rows, params)["kind"]) == {"free_text"}
@@ -325,7 +310,7 @@ class TestEvaluateStage:
     def test_lm_eval_is_skipped_cleanly_without_the_extra(self, tmp_path, capsys, monkeypatch):
         import builtins
 
-        from stages.evaluate import run_lm_eval
+        from tuneline.scoring import run_lm_eval
         from tuneline.params import LmEvalParams
 
         assert run_lm_eval(tmp_path, LmEvalParams(tasks=[], limit=5), batch_size=2) == {}

@@ -1,4 +1,4 @@
-"""Unit tests of the dataset stage (stages/dataset.py): formats, templates, checks, cleaning, bad input, outputs.
+"""tuneline/data/: the dataset stage's formats, templates, checks, cleaning, bad input and outputs.
 
 Every test writes its own input files under a tmp data folder and uses tokenizers only (no model weights).
 Most tests use a tiny WORD-LEVEL tokenizer, so that a token is a word, a punctuation run, a special token or
@@ -14,8 +14,6 @@ on a real-world kind of tokenizer.
 
 import hashlib
 import json
-import subprocess
-import sys
 from collections import Counter
 from pathlib import Path
 
@@ -25,14 +23,16 @@ import yaml
 from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-from conftest import PROJECT, VENV_BIN, build_tiny_tokenizer, subprocess_env
-from stages import dataset
-from stages.dataset import (
-    ALPACA_PREAMBLE, STEPS, TEMPLATES, Built, Encoded, Example, Row, build_dataset, check_encoded,
-    check_template_tokens, choose_pad_token, encode, end_token_ids, pick_examples, row_to_example, stratified_split,
-    write_outputs,
-)
+from conftest import build_tiny_tokenizer, run_stage
+from tuneline.data import STEPS, Built, build_dataset, write_outputs
+from tuneline.data.card import pick_examples
+from tuneline.data.cleaning import stratified_split
+from tuneline.data.formats import Example, row_to_example
+from tuneline.data.rows import Row
+from tuneline.data.templates import ALPACA_PREAMBLE, TEMPLATES, check_template_tokens
+from tuneline.data.tokens import Encoded, check_encoded, choose_pad_token, encode
 from tuneline.errors import TunelineError
+from tuneline.modeling import end_token_ids
 from tuneline.params import DatasetParams, McqSource, validate_section
 
 # -------------------------------------------------------------------------------------- the fixtures' data
@@ -687,15 +687,13 @@ class TestBadInput:
         assert card["steps"]["bad_rows"] == 12
         assert card["bad_rows"] == [f"{data_dir}/rows.jsonl:{n}: no 'output' field" for n in range(3, 13)]
 
+    @pytest.mark.integration  # runs the stage as a process: a few seconds of imports
     def test_stage_exits_with_one_line_and_writes_nothing(self, tmp_path, data_dir, tokenizer):
-        """`python -m stages.dataset` as dvc.yaml runs it, on a malformed JSONL line. PYTHONPATH makes the
-        subprocess import this checkout's stages whatever is installed."""
+        """`python -m stages.dataset` as dvc.yaml runs it, on a malformed JSONL line."""
         (data_dir / "rows.jsonl").write_text('{"instruction": "a", "output": "b"}\n{"instruction": \n')
         tokenizer.save_pretrained(tmp_path / "tokenizer")
         write_params_file(tmp_path / "params.yaml", [{"path": "rows.jsonl", "format": "alpaca"}])
-        result = subprocess.run([str(VENV_BIN / "python"), "-m", "stages.dataset", "data", "tokenizer", "out"],
-                                cwd=tmp_path, env={**subprocess_env(), "PYTHONPATH": str(PROJECT)},
-                                capture_output=True, text=True, timeout=120)
+        result = run_stage("dataset", "data", "tokenizer", "out", cwd=tmp_path, check=False)
         assert result.returncode != 0
         lines = result.stderr.strip().splitlines()
         assert "Traceback" not in result.stderr
@@ -817,14 +815,13 @@ class TestOutputs:
         first, second = pick_examples([multi, single])
         assert first is not second
 
-    def test_main_writes_the_out_dir(self, tmp_path, data_dir, tokenizer, monkeypatch, capsys):
+    @pytest.mark.integration  # runs the stage as a process: a few seconds of imports
+    def test_the_stage_writes_the_out_dir(self, tmp_path, data_dir, tokenizer):
         write_rows(data_dir / "alpaca.json", ALPACA_ITEMS + ALPACA_LINES)
         tokenizer.save_pretrained(tmp_path / "tokenizer")
         write_params_file(tmp_path / "params.yaml", [{"path": "alpaca.json", "format": "alpaca"}])
-        monkeypatch.chdir(tmp_path)
-        monkeypatch.setattr(sys, "argv", ["dataset", "data", "tokenizer", "out/dataset"])
-        dataset.main()
-        assert "dataset: 5 rows read" in capsys.readouterr().out
+        result = run_stage("dataset", "data", "tokenizer", "out/dataset", cwd=tmp_path)
+        assert "dataset: 5 rows read" in result.stdout
         assert {path.name for path in (tmp_path / "out" / "dataset").iterdir()} == {
             "train.parquet", "eval.parquet", "train.jsonl", "eval.jsonl", "tokenizer", "dataset_card.json",
             "dataset_card.md", "token_lengths.json", "lineage.json"}

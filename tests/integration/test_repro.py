@@ -246,7 +246,7 @@ def test_new_tokenizer_reruns_dataset_but_new_weights_alone_do_not(clean_pipelin
 
 def test_dataset_card_change_alone_retrains_nothing(clean_pipeline_repo):
     """train, merge and evaluate depend on the dataset files they read, not on the whole folder."""
-    code = clean_pipeline_repo / "stages/dataset.py"
+    code = clean_pipeline_repo / "tuneline/data/card.py"
     code.write_text(code.read_text().replace("# Dataset card", "# Dataset card (edited)"))
     ran = repro(clean_pipeline_repo)
     assert ran == {"dataset", "lineage"}, ran.log  # the record notes the folder's new sha256

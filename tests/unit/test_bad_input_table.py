@@ -1,7 +1,8 @@
-"""The README's table of bad inputs stays true: every row's message is real and its named test checks it.
+"""docs/errors.md's table of bad inputs stays true: every row's message is real and its named test checks it.
 
-Each row reads | bad input | `fragment` ... | `tests/<file>.py::<test>` |. A row holds when
-1. the fragment appears verbatim in the code (stages/, tuneline/, flows/), so the message exists, and
+Each row reads | bad input | `fragment` ... | `tests/<path>.py::<test>` |. A row holds when
+1. the fragment appears verbatim in the code (stages/, tuneline/, flows/, their subpackages included), so the
+   message exists, and
 2. the named test exists and one of its string literals (in its body, its parametrize cases, or a module-level
    table it reads) contains the fragment, or is a phrase of MIN_PHRASE+ characters found inside it: the test
    asserts on the message itself, not only on the file or key the message names.
@@ -16,8 +17,9 @@ from pathlib import Path
 
 import pytest
 
-PROJECT = Path(__file__).resolve().parent.parent
-SECTION = "## Bad inputs and their messages"
+PROJECT = next(path for path in Path(__file__).resolve().parents if (path / "pyproject.toml").is_file())
+TABLE = PROJECT / "docs" / "errors.md"
+SECTION = "# Bad inputs and their messages"
 CODE_DIRS = ("stages", "tuneline", "flows")
 MIN_PHRASE = 8  # with a space: a piece of a sentence, not a name such as 'download' or 'params.yaml'
 SHARED_PREFIXES = ("params.yaml: ", "error: ")
@@ -34,10 +36,10 @@ class Row:
         return f"row '{self.bad_input}' ({self.test_file.name}::{self.test_name})"
 
 
-def read_table(readme: Path) -> list[Row]:
+def read_table(document: Path) -> list[Row]:
     """The rows of the table under SECTION, up to the next heading."""
-    text = readme.read_text()
-    assert SECTION in text, f"README.md has no '{SECTION}' section"
+    text = document.read_text()
+    assert SECTION in text, f"{document.name} has no '{SECTION}' section"
     body = text.split(SECTION, 1)[1].split("\n#", 1)[0]
     rows = []
     for line in body.splitlines():
@@ -46,14 +48,14 @@ def read_table(readme: Path) -> list[Row]:
             continue
         fragment = re.search(r"`([^`]+)`", cells[1])
         test = re.fullmatch(r"`(tests/[\w/]+\.py)::(\w+)`", cells[2])
-        assert fragment and test, f"malformed table line in README.md: {line}"
+        assert fragment and test, f"malformed table line in {document.name}: {line}"
         rows.append(Row(cells[0], fragment[1], PROJECT / test[1], test[2]))
     return rows
 
 
 def code_text() -> str:
     """All of the code that can raise a user-facing error, as one text to search."""
-    return "\n".join(path.read_text() for folder in CODE_DIRS for path in sorted((PROJECT / folder).glob("*.py")))
+    return "\n".join(path.read_text() for folder in CODE_DIRS for path in sorted((PROJECT / folder).rglob("*.py")))
 
 
 def literals_of(test_file: Path, name: str) -> list[str]:
@@ -87,12 +89,12 @@ def asserts_on(literal: str, fragment: str) -> bool:
     return fragment in literal or (len(literal) >= MIN_PHRASE and " " in literal and literal in fragment)
 
 
-ROWS = read_table(PROJECT / "README.md")
+ROWS = read_table(TABLE)
 CODE = code_text()
 
 
 def test_the_table_covers_the_bad_inputs() -> None:
-    assert len(ROWS) >= 20, f"README.md's '{SECTION}' table has {len(ROWS)} rows; it should list every bad input"
+    assert len(ROWS) >= 20, f"{TABLE.name}'s '{SECTION}' table has {len(ROWS)} rows; it should list every bad input"
 
 
 @pytest.mark.parametrize("row", ROWS, ids=str)

@@ -28,7 +28,7 @@ KILL_POINTS = [
     ("fetch", "os:sendfile:3", "copying the second downloaded file"),
     ("fetch", "tuneline.artifacts:write_json:1", "writing the fetch manifest"),
     ("convert", "tuneline.tensor_io:ShardedSafetensorsWriter._close_shard:2", "finishing the second shard"),
-    ("convert", "tuneline.artifacts:replace_path:2", "moving its two outs into place, after the first"),
+    ("convert", "tuneline.artifacts:_replace_path:2", "moving its two outs into place, after the first"),
     ("dataset", "pandas:DataFrame.to_parquet:2", "writing the eval split"),
     ("train", "transformers.trainer:Trainer.training_step:3", "training, at step 3"),
     ("train", "transformers.trainer:Trainer._save_rng_state:1", "saving a checkpoint"),

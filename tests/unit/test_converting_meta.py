@@ -1,4 +1,5 @@
-"""Meta-style consolidated.*.pth checkpoints convert into a Hugging Face model with the same logits."""
+"""tuneline/converting.py on Meta-style consolidated.*.pth checkpoints: they convert into a Hugging Face model with
+the same logits."""
 
 import json
 from pathlib import Path
@@ -8,7 +9,7 @@ import sentencepiece
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-from stages.convert import META_CONCAT_DIM1, META_TO_HF, convert
+from tuneline.converting import META_CONCAT_DIM1, META_TO_HF, convert
 
 N_HEADS, N_KV_HEADS = 4, 2
 

