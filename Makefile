@@ -21,8 +21,9 @@ run: install
 	dvc repro
 	dvc metrics show
 
+# Two workers: most integration tests wait on one process at a time (a stage, a server), so two run side by side.
 test: install
-	$(PYTHON) -m pytest -q
+	$(PYTHON) -m pytest -q -n 2 --dist loadfile
 
 test-unit: install
 	$(PYTHON) -m pytest -q -m "not integration"

@@ -15,7 +15,8 @@ import subprocess
 import time
 from pathlib import Path
 
-STAGES = ("fetch", "convert", "dataset", "train", "merge", "evaluate")
+from tuneline.pipeline import stage_names
+
 PIPELINE_BUDGET_S = 600
 NOOP_BUDGET_S = 3
 RESULTS = Path(__file__).resolve().parent / "results" / "pipeline_budget.json"
@@ -33,7 +34,7 @@ def main() -> None:
     args = parser.parse_args()
     total = 0.0
     stages = {}
-    for stage in STAGES:
+    for stage in stage_names(Path(".")):
         seconds = timed(["dvc", "repro", "--force", "--single-item", stage])
         total += seconds
         stages[stage] = seconds

@@ -49,7 +49,7 @@ def run_stage(stage: str, repo_dir: Path) -> dict:
     return {"stage": stage, "ran": bool(reproduced), "seconds": round(time.perf_counter() - started, 1)}
 
 
-def read_metrics(repo_dir: Path) -> dict[str, dict]:
+def _read_metrics(repo_dir: Path) -> dict[str, dict]:
     """The metrics files declared in dvc.yaml, as DVC reads them: {path: metrics}."""
     with Repo(str(repo_dir)) as repo:
         shown = repo.metrics.show()
@@ -93,7 +93,7 @@ def decide_promotion(repo_dir: Path, record: dict, run_commit: str | None) -> di
     return promotion_gate(repo_dir, record, run_commit)
 
 
-def summary_markdown(results: list[dict], metrics: dict[str, dict], record: dict | None, decision: dict | None,
+def _summary_markdown(results: list[dict], metrics: dict[str, dict], record: dict | None, decision: dict | None,
                      note: str, model: str) -> str:
     rows = "\n".join(
         f"| {r['stage']} | {'ran' if r['ran'] else 'skipped (unchanged)'} | {r['seconds']} |" for r in results
@@ -114,7 +114,7 @@ def summary_markdown(results: list[dict], metrics: dict[str, dict], record: dict
     )
 
 
-def hub_token_from_prefect() -> None:
+def _hub_token_from_prefect() -> None:
     """Give the stages HF_TOKEN from the Prefect Secret block `hf-token` when the environment has none.
 
     The token only ever lives in this process's environment, which DVC hands to the stage processes.
@@ -128,7 +128,7 @@ def hub_token_from_prefect() -> None:
     os.environ["HF_TOKEN"] = secret.get()
 
 
-def one_retraining_at_a_time():
+def _one_retraining_at_a_time():
     """A Prefect global concurrency limit of one slot: a second retraining waits for the first to finish."""
     with get_client(sync_client=True) as client:
         client.upsert_global_concurrency_limit_by_name(CONCURRENCY_LIMIT, 1)
@@ -141,10 +141,10 @@ def retrain(repo_dir: Path = Path("."), commit: bool = True) -> dict:
     logger = get_run_logger()
     repo_dir = repo_dir.resolve()
     started = time.perf_counter()
-    hub_token_from_prefect()
+    _hub_token_from_prefect()
     # DVC finds stage targets, and names metrics files, relative to the working directory: a worker's run (it
     # starts in a scratch folder) or `tuneline retrain REPO_DIR` from elsewhere must work in the repo.
-    with contextlib.chdir(repo_dir), one_retraining_at_a_time():
+    with contextlib.chdir(repo_dir), _one_retraining_at_a_time():
         results = []
         for stage in stage_names(repo_dir):
             # Only fetch talks to the network, so only fetch is retried.
@@ -168,10 +168,10 @@ def retrain(repo_dir: Path = Path("."), commit: bool = True) -> dict:
             decision = decide_promotion(repo_dir, record, run_commit)
             note = f"Ran {', '.join(ran) or 'nothing'}; the model was {decision['decision']}: {decision['reason']}."
         logger.info(note)
-        metrics = read_metrics(repo_dir)
+        metrics = _read_metrics(repo_dir)
         create_markdown_artifact(
             key="tuneline-retrain-summary",
-            markdown=summary_markdown(results, metrics, record, decision, note, model_path(repo_dir)),
+            markdown=_summary_markdown(results, metrics, record, decision, note, model_path(repo_dir)),
             description="Stages ran or skipped with their durations, the metrics, the lineage and the promotion",
         )
     return {
@@ -186,7 +186,7 @@ def retrain(repo_dir: Path = Path("."), commit: bool = True) -> dict:
     }
 
 
-def check_schedule(cron: str) -> None:
+def _check_schedule(cron: str) -> None:
     """Fail in one line before registering anything: no Prefect server to schedule on, or a bad cron."""
     from prefect.client.schemas.schedules import CronSchedule
     from prefect.settings import PREFECT_API_URL
@@ -207,7 +207,7 @@ def check_schedule(cron: str) -> None:
 
 def serve(repo_dir: Path, cron: str) -> None:
     """Register the flow with the Prefect server at PREFECT_API_URL on a cron schedule, and run what it sends."""
-    check_schedule(cron)
+    _check_schedule(cron)
     retrain.serve(
         name=DEPLOYMENT,
         cron=cron,
@@ -222,7 +222,7 @@ def deploy(repo_dir: Path, pool: str, cron: str) -> str:
     a worker of that pool runs it in the clone at `repo_dir` on its machine. Say what was registered."""
     from prefect.exceptions import ObjectNotFound
 
-    check_schedule(cron)
+    _check_schedule(cron)
     # The worker's path: made absolute (its runs start in a scratch folder), but this machine's links are not
     # followed, since the worker may be elsewhere.
     repo_dir = repo_dir.absolute()

@@ -43,6 +43,11 @@ CORPUS = [
 
 _RAN_STAGE = re.compile(r"Running stage '([^']+)'")
 _INTEGRATION = Path(__file__).resolve().parent / "integration"
+# The integration files that take longest, in that order: run first, so that `make test`'s two workers finish
+# together (pytest-xdist's --dist loadfile hands a worker the next file whenever it becomes free, and runs each
+# file on one worker: its module fixtures, and the session's pipeline repo in test_repro.py, are built once).
+_LONGEST_FIRST = ("test_serve.py", "test_repro.py", "test_faults.py", "test_retrain.py")
+_REPORTS: list[str] = []
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -50,6 +55,8 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if _INTEGRATION in item.path.parents:
             item.add_marker(pytest.mark.integration)
+    rank = {name: position for position, name in enumerate(_LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order
 
 
 # --------------------------------------------------------------------------------------------------- env
@@ -85,14 +92,26 @@ def _session_env(tmp_path_factory):
 
 
 @pytest.fixture
-def report(capsys):
-    """Print to the terminal even under pytest's capture: what a reliability test tried and what survived."""
+def report(request):
+    """What a reliability test tried and what survived: printed in the run's summary, "what the tests tried"
+    (also from pytest-xdist's workers, whose own output never reaches the terminal)."""
 
     def emit(text: str) -> None:
-        with capsys.disabled():
-            print(f"\n{text}")
+        request.node.user_properties.append(("report", text))
 
     return emit
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    if report.when == "call":
+        _REPORTS.extend(text for key, text in report.user_properties if key == "report")
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    if _REPORTS:
+        terminalreporter.section("what the tests tried")
+        for text in _REPORTS:
+            terminalreporter.write_line(text)
 
 
 # ------------------------------------------------------------------------------------------- tiny model

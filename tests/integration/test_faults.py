@@ -20,6 +20,7 @@ from conftest import (
     subprocess_env, write_params,
 )
 from tuneline.lineage import file_hashes
+from tuneline.pipeline import stage_outs
 
 FAULTS_DIR = PROJECT / "tests" / "faults"
 
@@ -58,16 +59,6 @@ def dvc_killed(repo: Path, kill_point: str, stage: str, *args: str):
     env["PYTHONPATH"] = str(FAULTS_DIR)
     env["TUNELINE_KILL"] = f"stages.{stage}:{kill_point}"
     return run([str(VENV_BIN / "dvc"), *args], cwd=repo, env=env, check=False)
-
-
-def stage_outs(repo: Path) -> dict[str, list[str]]:
-    """Stage name -> the paths of its outs and metrics, from dvc.yaml."""
-    stages = yaml.safe_load((repo / "dvc.yaml").read_text())["stages"]
-    outs = {}
-    for name, stage in stages.items():
-        entries = stage.get("outs", []) + stage.get("metrics", [])
-        outs[name] = [entry if isinstance(entry, str) else next(iter(entry)) for entry in entries]
-    return outs
 
 
 def problem_with(path: Path) -> str | None:

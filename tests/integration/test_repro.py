@@ -1,4 +1,5 @@
-"""End to end through the real DVC CLI on the tiny model: what runs, what is skipped, and how stages fail.
+"""End to end through the real DVC CLI on the tiny model: what runs, what is skipped, how stages fail, and what
+another machine's clone pulls from a DVC remote.
 
 All tests share the session's pipeline repo (see conftest): `reproduced_pipeline` is its first full
 `dvc repro`; `clean_pipeline_repo` hands it over fully reproduced and restores it after the test.
@@ -8,11 +9,15 @@ import hashlib
 import json
 import os
 import shutil
+import subprocess
 from pathlib import Path
 
 import yaml
 
-from conftest import CHATML_TEMPLATE, STAGES, TINY_SOURCE, describe, dvc, dvc_status, ran_stages, repro, write_params
+from conftest import (
+    CHATML_TEMPLATE, STAGES, TINY_SOURCE, describe, dvc, dvc_status, git, ran_stages, repro, write_params,
+)
+from tuneline.lineage import tree_sha256
 
 MERGE_KEYS = {"kl", "top1_agreement", "kl_merge_into_4bit", "top1_merge_into_4bit", "kl_merge_into_original",
               "top1_merge_into_original"}
@@ -278,3 +283,31 @@ def test_dvc_exp_run_with_another_lora_rank_is_listed_beside_the_baseline(clean_
         assert diff.returncode == 0, describe(diff)
     finally:
         dvc(repo, "exp", "remove", "--all")
+
+
+# ------------------------------------------------------------------------------------- sharing artifacts
+# The remote is a local directory here; S3, GCS or SSH remotes differ only in their URL (docs/pipeline.md: Sharing
+# artifacts). The second machine is a `git clone` of the pipeline repo with an empty DVC cache.
+
+
+def test_a_clone_pulls_what_the_retrain_flow_pushed(clean_pipeline_repo, tmp_path):
+    from flows.retrain import push_artifacts
+
+    remote = tmp_path / "remote"
+    assert push_artifacts.fn(clean_pipeline_repo).startswith("no default DVC remote")
+    dvc(clean_pipeline_repo, "remote", "add", "--default", "shared", str(remote), check=True)
+    message = push_artifacts.fn(clean_pipeline_repo)
+    assert message.startswith("pushed ") and message.endswith(" file(s) to the DVC remote 'shared'"), message
+    assert int(message.split()[1]) > 0
+    assert push_artifacts.fn(clean_pipeline_repo).startswith("pushed 0 file(s)")  # nothing new the second time
+
+    clone = tmp_path / "other-machine"
+    subprocess.run(["git", "clone", "-q", str(clean_pipeline_repo), str(clone)], check=True)
+    dvc(clone, "remote", "add", "--default", "shared", str(remote), check=True)
+    assert not (clone / "models" / "merged").exists()  # git holds only the .gitignore DVC wrote
+    pulled = dvc(clone, "pull", check=True)
+    assert "fetched" in pulled.stdout.lower() or "added" in pulled.stdout.lower(), pulled.stdout
+    assert dvc_status(clone) == {}  # every out at the commit's hashes: nothing to rerun
+    for out in ("models/merged", "models/adapter", "data/dataset"):
+        assert tree_sha256(clone / out) == tree_sha256(clean_pipeline_repo / out), out
+    assert git(clone, "rev-parse", "HEAD").stdout == git(clean_pipeline_repo, "rev-parse", "HEAD").stdout
