@@ -46,7 +46,8 @@ _INTEGRATION = Path(__file__).resolve().parent / "integration"
 # The integration files that take longest, in that order: run first, so that `make test`'s two workers finish
 # together (pytest-xdist's --dist loadfile hands a worker the next file whenever it becomes free, and runs each
 # file on one worker: its module fixtures, and the session's pipeline repo in test_repro.py, are built once).
-_LONGEST_FIRST = ("test_serve.py", "test_repro.py", "test_faults.py", "test_retrain.py")
+_LONGEST_FIRST = ("test_repro.py", "test_serve.py", "test_faults.py", "test_retrain.py", "test_train_scale.py",
+                  "test_benchmarks.py")
 _REPORTS: list[str] = []
 
 

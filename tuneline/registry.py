@@ -14,10 +14,8 @@ from dvc.api import DVCFileSystem
 from tuneline.artifacts import write_json
 from tuneline.errors import TunelineError
 from tuneline.lineage import REGISTRY_FILE, git, read_registry, utc_now
-from tuneline.modeling import load_full_model, load_tokenizer, read_split
 from tuneline.params import PARAMS_FILE, PromoteParams, load_section
 from tuneline.pipeline import MODEL_ARTIFACT, model_path, stage_paths
-from tuneline.scoring import score_model, select_rows
 
 
 def run_git(repo_dir: Path, *args: str) -> str:
@@ -62,6 +60,11 @@ def gate(candidate: float, promoted: float | None, params: PromoteParams) -> tup
 
 def _rescore_promoted(repo_dir: Path, promoted: dict, metric: str) -> float:
     """Score the promoted model on the current eval split: its weights come from the DVC cache at its commit."""
+    # Imported here, not above: scoring needs torch, peft and scikit-learn, seconds of imports that every
+    # `tuneline retrain/serve/deploy` and Prefect worker would pay at start, and only a re-score uses them.
+    from tuneline.modeling import load_full_model, load_tokenizer, read_split
+    from tuneline.scoring import score_model, select_rows
+
     params = load_section("evaluate", repo_dir / PARAMS_FILE)
     dataset_dir = repo_dir / _evaluate_paths(repo_dir)[0]
     rows = select_rows(read_split(dataset_dir / "eval.parquet"), params)
