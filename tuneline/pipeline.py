@@ -35,16 +35,20 @@ def stage_names(repo_dir: Path) -> list[str]:
 
 
 def _paths(entries: list) -> list[str]:
-    """dvc.yaml's out and dep entries are either a path or {path: options}."""
+    """The paths of dvc.yaml entries, each a path or {path: options}."""
     return [entry if isinstance(entry, str) else next(iter(entry)) for entry in entries]
+
+
+def _outs(stage: dict) -> list[tuple[str, dict]]:
+    """(path, options) of every out, metric and plot a stage declares; an entry is a path or {path: options}."""
+    entries = stage.get("outs", []) + stage.get("metrics", []) + stage.get("plots", [])
+    return [(entry, {}) if isinstance(entry, str) else (next(iter(entry)), next(iter(entry.values())) or {})
+            for entry in entries]
 
 
 def stage_outs(repo_dir: Path) -> dict[str, list[str]]:
     """Stage name -> the paths it writes: outs, metrics and plots declared under the stage."""
-    return {
-        name: _paths(stage.get("outs", []) + stage.get("metrics", []) + stage.get("plots", []))
-        for name, stage in _stages(repo_dir).items()
-    }
+    return {name: [path for path, _ in _outs(stage)] for name, stage in _stages(repo_dir).items()}
 
 
 def stage_deps(repo_dir: Path) -> dict[str, list[str]]:
@@ -68,9 +72,8 @@ def run_records(repo_dir: Path) -> list[str]:
     (metrics, eval pages, lineage.json) and the .gitignore files DVC keeps beside its cached outs."""
     records = {"dvc.lock"}
     for stage in _stages(repo_dir).values():
-        for entry in stage.get("outs", []) + stage.get("metrics", []) + stage.get("plots", []):
-            path, options = (entry, {}) if isinstance(entry, str) else next(iter(entry.items()))
-            cached = (options or {}).get("cache", True)
+        for path, options in _outs(stage):
+            cached = options.get("cache", True)
             records.add(path if not cached else (Path(path).parent / ".gitignore").as_posix())
     return sorted(records)
 
