@@ -21,9 +21,10 @@ run: install
 	dvc repro
 	dvc metrics show
 
-# Two workers: most integration tests wait on one process at a time (a stage, a server), so two run side by side.
+# Two workers: most integration tests wait on one process at a time (a stage, a server), so two run side by side,
+# longest files first (tests/conftest.py).
 test: install
-	$(PYTHON) -m pytest -q -n 2 --dist loadfile
+	$(PYTHON) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder
 
 test-unit: install
 	$(PYTHON) -m pytest -q -m "not integration"

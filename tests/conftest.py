@@ -1,23 +1,27 @@
 """Shared fixtures: a tiny random Llama with a ChatML BPE tokenizer, tiny params, and DVC pipeline repos.
 
 Everything here is built locally (no network, no real model). A full `dvc repro` of the tiny pipeline costs
-about a minute on two cores (every stage is a fresh Python that imports torch), so the pipeline tests share
-ONE reproduced repo per session: `clean_pipeline_repo` hands it over clean and, after the test, restores
-the committed, fully reproduced state (git restores code, params and the uncached metrics; `dvc checkout`
-restores the cached outs), then checks with `dvc repro` that nothing is left to run.
+about a minute on two cores (every stage is a fresh Python that imports torch), so it runs ONCE per test run,
+shared by pytest-xdist's workers (`_built_once`): each module that needs a reproduced pipeline gets a copy of
+it (`pipeline_repo`), and `clean_pipeline_repo` hands that copy over clean and, after the test, restores the
+committed, fully reproduced state (git restores code, params and the uncached metrics; `dvc checkout` restores
+the cached outs), then checks with `dvc repro` that nothing is left to run.
 """
 
 import copy
+import hashlib
 import json
 import os
 import re
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import yaml
+from filelock import FileLock
 
 from tuneline.pipeline import stage_names
 
@@ -43,11 +47,12 @@ CORPUS = [
 
 _RAN_STAGE = re.compile(r"Running stage '([^']+)'")
 _INTEGRATION = Path(__file__).resolve().parent / "integration"
-# The integration files that take longest, in that order: run first, so that `make test`'s two workers finish
-# together (pytest-xdist's --dist loadfile hands a worker the next file whenever it becomes free, and runs each
-# file on one worker: its module fixtures, and the session's pipeline repo in test_repro.py, are built once).
-_LONGEST_FIRST = ("test_repro.py", "test_serve.py", "test_faults.py", "test_retrain.py", "test_train_scale.py",
-                  "test_benchmarks.py")
+# The integration files that take longest, in this order, run first, so that `make test`'s two workers finish
+# together (with --no-loadscope-reorder, pytest-xdist's --dist loadfile hands a worker the next file in this
+# order whenever it is nearly free, and runs each file on one worker). test_repro.py builds the shared reproduced
+# pipeline while test_faults.py and test_retrain.py, which make their own, run beside it.
+_LONGEST_FIRST = ("test_repro.py", "test_faults.py", "test_retrain.py", "test_serve.py", "test_repro_data.py",
+                  "test_train_scale.py", "test_sharing.py", "test_benchmarks.py")
 _REPORTS: list[str] = []
 
 
@@ -70,6 +75,8 @@ def subprocess_env(prefect_home: Path | None = None) -> dict[str, str]:
     env["DVC_NO_ANALYTICS"] = "1"
     env["HF_HUB_OFFLINE"] = "1"
     env["TOKENIZERS_PARALLELISM"] = "false"
+    # `make test` runs two workers on two cores: a stage process with a thread per core would oversubscribe them.
+    env["OMP_NUM_THREADS"] = "1"
     env.pop("PREFECT_API_URL", None)
     # Like a user's shell: hash randomization on (tests must not hide order-dependent outputs).
     env.pop("PYTHONHASHSEED", None)
@@ -113,6 +120,22 @@ def pytest_terminal_summary(terminalreporter) -> None:
         terminalreporter.section("what the tests tried")
         for text in _REPORTS:
             terminalreporter.write_line(text)
+
+
+def _built_once(tmp_path_factory, name: str, build: Callable[[Path], None]) -> Path:
+    """The folder `build(folder)` makes, built once per test run: pytest-xdist's workers share it (the first
+    to ask builds it under a file lock, the others wait for it). A failed build leaves nothing behind."""
+    root = tmp_path_factory.getbasetemp()
+    if "PYTEST_XDIST_WORKER" in os.environ:
+        root = root.parent  # the run's folder, above each worker's own
+    path = root / name
+    with FileLock(f"{path}.lock"):
+        if not path.is_dir():
+            partial = root / f"{name}.partial"
+            shutil.rmtree(partial, ignore_errors=True)
+            build(partial)
+            partial.rename(path)
+    return path
 
 
 # ------------------------------------------------------------------------------------------- tiny model
@@ -160,20 +183,23 @@ def tiny_llama_config(tokenizer, **overrides):
     return LlamaConfig(**kwargs)
 
 
-@pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory) -> Path:
+def build_tiny_model(out: Path) -> None:
     """A tiny random Llama (2 layers, hidden 64, GQA 4/2 heads) and a ChatML byte-level BPE tokenizer."""
     import torch
     from transformers import LlamaForCausalLM
 
-    out = tmp_path_factory.mktemp("tiny-model")
     tokenizer = build_tiny_tokenizer()
     tokenizer.save_pretrained(out)
     torch.manual_seed(0)
     model = LlamaForCausalLM(tiny_llama_config(tokenizer)).eval()
     model.save_pretrained(out, safe_serialization=True)
     assert (out / "model.safetensors").exists()
-    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """The tiny model's folder, one per test run (the shared reproduced pipeline fetches from it)."""
+    return _built_once(tmp_path_factory, "tiny-model", build_tiny_model)
 
 
 TINY_SOURCE = "tiny.jsonl"  # an alpaca-format file under data/sources, beside the real params' sklearn table
@@ -238,6 +264,10 @@ def params(tiny_params) -> dict:
 # ---------------------------------------------------------------------------------------- pipeline repos
 
 
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
 def run(cmd: list[str], cwd: Path, env: dict | None = None, check: bool = True) -> subprocess.CompletedProcess:
     result = subprocess.run(cmd, cwd=cwd, env=env or subprocess_env(), capture_output=True, text=True)
     if check:
@@ -299,6 +329,10 @@ def commit_all(repo: Path, message: str) -> None:
         git(repo, "commit", "-q", "-m", message)
 
 
+def read_params(repo: Path) -> dict:
+    return yaml.safe_load((repo / "params.yaml").read_text())
+
+
 def write_params(repo: Path, params: dict) -> None:
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
@@ -334,21 +368,45 @@ def restore(repo: Path) -> None:
 
 
 @pytest.fixture(scope="session")
-def pipeline_repo(tmp_path_factory, tiny_params) -> Path:
-    """The session's tiny pipeline repo: committed, not yet reproduced (see `reproduced_pipeline`)."""
-    return make_pipeline_repo(tmp_path_factory.mktemp("pipeline") / "repo", tiny_params)
+def reproduced_template(tmp_path_factory, tiny_params) -> Path:
+    """The tiny pipeline, reproduced by its first full `dvc repro` and committed, once per test run: `repo/`,
+    and `ran.json`, what that repro ran and its log. Tests work on copies (`copy_pipeline_repo`)."""
+
+    def build(folder: Path) -> None:
+        repo = make_pipeline_repo(folder / "repo", tiny_params)
+        ran = repro(repo)
+        commit_all(repo, "reproduced")
+        (folder / "ran.json").write_text(json.dumps({"stages": sorted(ran), "log": ran.log}))
+
+    return _built_once(tmp_path_factory, "reproduced-pipeline", build)
+
+
+def copy_pipeline_repo(template: Path, dest: Path) -> Path:
+    """A copy of the reproduced tiny pipeline (git history, DVC cache and outs), like a second working copy;
+    DVC's temporary state (.dvc/tmp: locks, experiment queues) stays behind."""
+    source = template / "repo"
+    shutil.copytree(source, dest, symlinks=True,
+                    ignore=lambda folder, names: ["tmp"] if Path(folder) == source / ".dvc" else [])
+    return dest
+
+
+@pytest.fixture(scope="module")
+def pipeline_repo(tmp_path_factory, reproduced_template) -> Path:
+    """This module's copy of the reproduced tiny pipeline (see `clean_pipeline_repo`)."""
+    return copy_pipeline_repo(reproduced_template, tmp_path_factory.mktemp("pipeline") / "repo")
 
 
 @pytest.fixture(scope="session")
-def reproduced_pipeline(pipeline_repo) -> set[str]:
-    """The first full `dvc repro` of the session repo; its result is committed. Returns the stages that ran."""
-    ran = repro(pipeline_repo)
-    commit_all(pipeline_repo, "reproduced")
+def reproduced_pipeline(reproduced_template) -> Ran:
+    """The stages the first full `dvc repro` of the tiny pipeline ran (`.log`: its output)."""
+    recorded = json.loads((reproduced_template / "ran.json").read_text())
+    ran = Ran(recorded["stages"])
+    ran.log = recorded["log"]
     return ran
 
 
 @pytest.fixture
-def clean_pipeline_repo(pipeline_repo, reproduced_pipeline) -> Path:
+def clean_pipeline_repo(pipeline_repo) -> Path:
     """The session repo, clean and fully reproduced; whatever the test changes is undone afterwards."""
     yield pipeline_repo
     restore(pipeline_repo)

@@ -9,7 +9,6 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import bitsandbytes as bnb
 import pandas as pd
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, PreTrainedTokenizerBase
@@ -78,6 +77,8 @@ def load_tokenizer(model_dir: Path) -> PreTrainedTokenizerBase:
 
 def load_quantized_model(model_dir: Path, spec: QuantSpec) -> torch.nn.Module:
     """Load the base with its linear layers quantized to 4 bit, the rest in the compute dtype."""
+    import bitsandbytes as bnb  # here, not at the top: importing it costs seconds the stages that never quantize skip
+
     model = AutoModelForCausalLM.from_pretrained(
         model_dir,
         quantization_config=spec.bnb_config(),

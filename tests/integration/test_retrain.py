@@ -5,7 +5,6 @@ data's eval split to judge the second, and `tuneline audit` names each model's o
 for a copy of the model found outside the repo (from the lineage it carries).
 """
 
-import hashlib
 import json
 import secrets
 import shutil
@@ -15,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import STAGES, TINY_SOURCE, commit_all, describe, make_pipeline_repo, subprocess_env
+from conftest import STAGES, TINY_SOURCE, commit_all, describe, make_pipeline_repo, sha256, subprocess_env
 from tuneline.lineage import METADATA_KEY, tree_sha256
 
 # A fake Hugging Face token, made fresh for each session (no token-shaped literal in the repo), planted in
@@ -35,10 +34,6 @@ result = retrain(Path.cwd())
 result["flow_had_the_token"] = os.environ.get("HF_TOKEN") == planted
 print("RESULT " + json.dumps(result, default=str))
 """
-
-
-def sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def run_flow(repo: Path, prefect_home: Path, logs: list[str], token_from: str = "env") -> dict:

@@ -5,6 +5,9 @@ and waits for work; the test triggers runs through the server's REST API, as a s
 and checks that they complete and what the promotion gate decided. Both processes are stopped at the end.
 The work-pool way: `prefect work-pool create`, `tuneline deploy --pool ... --cron ...`, a run triggered through
 the API and picked up by `prefect worker start --pool ...`, as on another machine.
+
+Each test's repo is a copy of the run's reproduced tiny pipeline (conftest): a flow run finds every stage up to
+date and promotes the model there; training reruns only where a test changes params.
 """
 
 import json
@@ -19,7 +22,7 @@ import httpx
 import pytest
 import yaml
 
-from conftest import VENV_BIN, commit_all, describe, make_pipeline_repo, subprocess_env
+from conftest import VENV_BIN, commit_all, copy_pipeline_repo, describe, subprocess_env
 
 CRON = "0 3 * * 1"
 POOL = "tuneline-pool"
@@ -111,9 +114,9 @@ def summary_of(api: httpx.Client, flow_run_id: str) -> str:
     return artifacts[0]["data"]
 
 
-def test_served_flow_runs_on_the_server_and_gates_promotion(prefect_server, tmp_path, tiny_params, report):
+def test_served_flow_runs_on_the_server_and_gates_promotion(prefect_server, tmp_path, reproduced_template, report):
     api, env, server_log = prefect_server
-    repo = make_pipeline_repo(tmp_path / "repo", tiny_params)
+    repo = copy_pipeline_repo(reproduced_template, tmp_path / "repo")  # reproduced, nothing promoted yet
     serve_log = tmp_path / "serve.log"
     logs = [server_log, serve_log]
     with serve_log.open("w") as out:
@@ -174,9 +177,9 @@ def assert_one_line_error(result: subprocess.CompletedProcess, expected: str) ->
     assert result.stderr.startswith(expected)
 
 
-def test_deployed_flow_runs_on_a_work_pool_worker(prefect_server, tmp_path, tiny_params):
+def test_deployed_flow_runs_on_a_work_pool_worker(prefect_server, tmp_path, reproduced_template):
     api, env, server_log = prefect_server
-    repo = make_pipeline_repo(tmp_path / "repo", tiny_params)
+    repo = copy_pipeline_repo(reproduced_template, tmp_path / "repo")
     deploy = ["deploy", "--pool", POOL, "--cron", CRON, str(repo)]
     assert_one_line_error(tuneline(env, *deploy), f"error: work pool '{POOL}' does not exist on the Prefect server; "
                                                   f"create it with `prefect work-pool create {POOL} --type process`")
