@@ -22,6 +22,7 @@ drop empty -> exact dedup -> near-dedup (a hash of the text lowercased, without 
 length (conversations over `max_length` tokens are cut back to their last whole answer that fits, or
 dropped) -> label balancing by downsampling -> stratified split -> source weights (train split only).
 `tuneline dataset preview` shows the first rendered examples of each source with the trained spans marked.
+Both warn in one line on stderr about a named template the tokenizer's own chat template does not use.
 The steps live in tuneline/data/ (rows, formats, cleaning, templates, tokens, build, card).
 """
 
@@ -29,7 +30,7 @@ import sys
 from pathlib import Path
 
 from tuneline.artifacts import atomic_dir
-from tuneline.data import build_dataset, load_dataset_tokenizer, write_outputs
+from tuneline.data import build_dataset, load_dataset_tokenizer, summary_line, write_outputs
 from tuneline.errors import exit_on_error
 from tuneline.params import DatasetParams, load_section
 
@@ -44,16 +45,7 @@ def main() -> None:
     built = build_dataset(params=params, data_dir=data_dir, tokenizer=tokenizer, tokenizer_dir=tokenizer_dir)
     with atomic_dir(out_dir) as tmp:
         card = write_outputs(built, params, tokenizer, tokenizer_dir, tmp)
-    steps = card["steps"]
-    print(
-        f"dataset: {steps['read']} rows read, {steps['train']} train / {steps['eval']} eval "
-        f"({steps['train_after_weights']} train after weights); dropped: "
-        + ", ".join(
-            f"{count} {step}"
-            for step, count in steps.items()
-            if count and step not in ("read", "train", "eval", "train_after_weights", "normalised")
-        )
-    )
+    print(summary_line(card["steps"]))
 
 
 if __name__ == "__main__":

@@ -265,6 +265,20 @@ BAD_ROWS = {  # file, content, source, the message after "<data dir>/"; every on
                               "rows.jsonl:1: 'instruction' is int, expected text"),
     "a line that is not an object": ("rows.jsonl", '["say hi", "hi"]\n', {"format": "alpaca"},
                                      "rows.jsonl:1: not a JSON object"),
+    # A JSON line's column counts characters from 1 within the line, its line end left out.
+    "a JSON line cut short": ("rows.jsonl", '{"instruction": "say hi", "output": "hi"\n', {"format": "alpaca"},
+                              "rows.jsonl:1: malformed JSON (Expecting ',' delimiter at column 41, the end of the line)"),
+    "a JSON line cut short, Windows line ends": (
+        "rows.jsonl", '{"instruction": "a", "output": "b"}\r\n{"instruction": "say hi", "output": "hi"\r\n',
+        {"format": "alpaca"},
+        "rows.jsonl:2: malformed JSON (Expecting ',' delimiter at column 41, the end of the line)"),
+    "a JSON line with a bare word": ("rows.jsonl", '{"instruction": say hi, "output": "hi"}\n', {"format": "alpaca"},
+                                     "rows.jsonl:1: malformed JSON (Expecting value at column 17)"),
+    "a JSON string left open": ("rows.jsonl", '{"instruction": "say hi\n', {"format": "alpaca"},
+                                "rows.jsonl:1: malformed JSON (Unterminated string starting at column 17)"),
+    "a JSON line with accents before the error": (
+        "rows.jsonl", '{"instruction": "¿qué?", output: "sí"}\n', {"format": "alpaca"},
+        "rows.jsonl:1: malformed JSON (Expecting property name enclosed in double quotes at column 26)"),
     "messages that are not a list": ("chat.jsonl", '{"messages": "hi"}\n', {"format": "messages"},
                                      "chat.jsonl:1: no 'messages' list of turns"),
     "a turn that is not an object": ("chat.jsonl", '{"messages": [{"role": "user", "content": "hi"}, "hello"]}\n',
@@ -386,6 +400,21 @@ def test_a_label_whose_answer_changes_the_prompts_tokens(data_dir: Path) -> None
     message = one_line_error(build, data_dir, [source], tokenizer_with(CHAT_TEMPLATE), template="tokenizer")
     assert message == (
         f"{data_dir}/cells.csv: row 2: the template renders the prompt differently for the answer ' malignant'"
+    )
+
+
+def test_a_named_template_that_the_tokenizers_chat_template_does_not_use(data_dir: Path,
+                                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    """SmolLM2's case: a ChatML tokenizer whose BOS is <|im_start|>, and `template: llama2`. The hybrid is
+    rendered as asked (a choice the user may mean), with one line of warning on stderr."""
+    (data_dir / "rows.jsonl").write_text(ALPACA)
+    tokenizer = tokenizer_with(build_tiny_tokenizer().chat_template, bos_token="<|im_start|>")
+    built = build(data_dir, [{"path": "rows.jsonl", "format": "alpaca"}], tokenizer, template="llama2")
+    assert built.train[0].text.startswith("<|im_start|>[INST] say ")
+    assert capsys.readouterr().err == (
+        "WARNING: params.yaml: dataset.template: 'llama2' writes '[INST]', but the chat template of the tokenizer in "
+        f"{data_dir.parent}/tokenizer uses '<|im_start|>' (as chatml does), so the model would learn a format it "
+        "was never trained on; set dataset.template: tokenizer (the model's own chat template) or chatml\n"
     )
 
 

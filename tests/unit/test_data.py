@@ -23,13 +23,14 @@ import yaml
 from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-from conftest import build_tiny_tokenizer, run_stage
+from conftest import CHATML_TEMPLATE, build_tiny_tokenizer, run_stage
 from tuneline.data import STEPS, Built, build_dataset, write_outputs
+from tuneline.data.build import summary_line
 from tuneline.data.card import pick_examples
 from tuneline.data.cleaning import stratified_split
 from tuneline.data.formats import Example, row_to_example
 from tuneline.data.rows import Row
-from tuneline.data.templates import ALPACA_PREAMBLE, TEMPLATES, check_template_tokens
+from tuneline.data.templates import ALPACA_PREAMBLE, TEMPLATES, check_template_tokens, template_mismatch
 from tuneline.data.tokens import Encoded, check_encoded, choose_pad_token, encode
 from tuneline.errors import TunelineError
 from tuneline.modeling import end_token_ids
@@ -525,6 +526,31 @@ class TestChecks:
         message = one_line_error(check_template_tokens, "tokenizer", tokenizer, tmp_path)
         assert message.startswith("params.yaml: dataset.template:") and "has no chat template" in message
 
+    @pytest.mark.parametrize("template, chat_template, expected", [
+        ("llama2", CHATML_TEMPLATE,
+         "params.yaml: dataset.template: 'llama2' writes '[INST]', but the chat template of the tokenizer in "
+         "models/tokenizer uses '<|im_start|>' (as chatml does), so the model would learn a format it was never "
+         "trained on; set dataset.template: tokenizer (the model's own chat template) or chatml"),
+        ("alpaca", WORD_CHAT_TEMPLATE,
+         "params.yaml: dataset.template: 'alpaca' writes '### Instruction:', but the chat template of the tokenizer in "
+         "models/tokenizer uses markers of its own, so the model would learn a format it was never trained on; "
+         "set dataset.template: tokenizer (the model's own chat template)"),
+    ], ids=["llama2 on a chatml tokenizer", "alpaca on a template of no named family"])
+    def test_a_named_template_the_chat_template_does_not_use_is_warned_about(self, make_tokenizer, template,
+                                                                             chat_template, expected):
+        tokenizer = make_tokenizer(chat_template=chat_template)
+        assert template_mismatch(template, tokenizer, Path("models/tokenizer")) == expected
+
+    @pytest.mark.parametrize("template, chat_template", [
+        ("chatml", CHATML_TEMPLATE), ("tokenizer", CHATML_TEMPLATE), ("llama2", None), ("chatml", None),
+    ], ids=["the tokenizer's own family", "the tokenizer's own template", "a base tokenizer, llama2",
+            "a base tokenizer, chatml"])
+    def test_no_warning_for_the_models_own_format_or_a_tokenizer_without_one(self, make_tokenizer, template,
+                                                                             chat_template):
+        """A tokenizer without a chat template (a base model's) has no format a named template could contradict."""
+        tokenizer = make_tokenizer(chat_template=chat_template)
+        assert template_mismatch(template, tokenizer, Path("models/tokenizer")) is None
+
 
 # ------------------------------------------------------------------------------------------------ cleaning
 
@@ -607,7 +633,7 @@ class TestCleaning:
 
 BAD_ROWS = {  # file name, content, source format and options, the message after "<data dir>/"
     "malformed JSON line": ("rows.jsonl", '{"instruction": "a", "output": "b"}\n\n{"instruction": oops}\n',
-                            {"format": "alpaca"}, "rows.jsonl:3: malformed JSON"),
+                            {"format": "alpaca"}, "rows.jsonl:3: malformed JSON (Expecting value at column 17)"),
     "missing field": ("rows.jsonl", '{"instruction": "a", "output": "b"}\n{"instruction": "c"}\n',
                       {"format": "alpaca"}, "rows.jsonl:2: no 'output' field"),
     "missing mapped field": ("rows.jsonl", '{"instruction": "a", "reply": "b"}\n{"instruction": "c"}\n',
@@ -815,6 +841,16 @@ class TestOutputs:
         first, second = pick_examples([multi, single])
         assert first is not second
 
+    @pytest.mark.parametrize("dropped, expected", [
+        ({"duplicates": 11, "balanced_away": 134},
+         "dataset: 609 rows read, 418 train / 46 eval (418 train after weights); dropped: 11 duplicates, 134 balanced_away"),
+        ({}, "dataset: 464 rows read, 418 train / 46 eval (418 train after weights)"),
+    ], ids=["some dropped", "nothing dropped"])
+    def test_the_stages_summary_line_names_only_what_was_dropped(self, dropped, expected):
+        steps = dict.fromkeys(STEPS, 0) | {"train": 418, "eval": 46, "train_after_weights": 418, "normalised": 7}
+        steps |= {"read": 464 + sum(dropped.values()), **dropped}  # normalised rows are changed, not dropped
+        assert summary_line(steps) == expected
+
     @pytest.mark.integration  # runs the stage as a process: a few seconds of imports
     def test_the_stage_writes_the_out_dir(self, tmp_path, data_dir, tokenizer):
         write_rows(data_dir / "alpaca.json", ALPACA_ITEMS + ALPACA_LINES)
@@ -872,5 +908,23 @@ class TestPreview:
         write_params_file(tmp_path / "params.yaml", [{"path": "alpaca.json", "format": "alpaca"}])
         main(["dataset", "preview", "--params", str(tmp_path / "params.yaml"), "--data", str(data_dir),
               "--tokenizer", str(tmp_path / "tokenizer"), "-n", "1"])
-        assert capsys.readouterr().out == (
+        printed = capsys.readouterr()
+        assert printed.out == (
             f"--- {data_dir}/alpaca.json: item 1 (8 tokens, 2 trained)\n<s> [INST] name a colour [/INST]⟦red </s>⟧\n")
+        assert printed.err == ""  # llama2 on a tokenizer without a chat template: nothing to warn about
+
+    def test_cli_warns_about_a_named_template_the_tokenizer_was_not_trained_with(self, tmp_path, data_dir,
+                                                                                make_tokenizer, capsys):
+        from tuneline.cli import main
+
+        write_rows(data_dir / "alpaca.json", ALPACA_ITEMS)
+        make_tokenizer(chat_template=CHATML_TEMPLATE).save_pretrained(tmp_path / "tokenizer")
+        write_params_file(tmp_path / "params.yaml", [{"path": "alpaca.json", "format": "alpaca"}])  # llama2
+        main(["dataset", "preview", "--params", str(tmp_path / "params.yaml"), "--data", str(data_dir),
+              "--tokenizer", str(tmp_path / "tokenizer"), "-n", "1"])
+        printed = capsys.readouterr()
+        assert printed.err == (
+            "WARNING: params.yaml: dataset.template: 'llama2' writes '[INST]', but the chat template of the tokenizer "
+            f"in {tmp_path}/tokenizer uses '<|im_start|>' (as chatml does), so the model would learn a format it "
+            "was never trained on; set dataset.template: tokenizer (the model's own chat template) or chatml\n")
+        assert "<s> [INST] name a colour [/INST]⟦red </s>⟧" in printed.out  # rendered as asked

@@ -4,9 +4,10 @@ rows (reading sources) -> formats (rows as conversations) -> cleaning -> templat
 (ids and loss mask), run in order by build.build_dataset; card writes the splits, the card and the lineage.
 """
 
-from tuneline.data.build import STEPS, Built, build_dataset, preview
+from tuneline.data.build import STEPS, Built, build_dataset, preview, summary_line
 from tuneline.data.card import write_outputs
 from tuneline.data.rows import resolve_files
 from tuneline.data.tokens import load_dataset_tokenizer
 
-__all__ = ["STEPS", "Built", "build_dataset", "load_dataset_tokenizer", "preview", "resolve_files", "write_outputs"]
+__all__ = ["STEPS", "Built", "build_dataset", "load_dataset_tokenizer", "preview", "resolve_files", "summary_line",
+           "write_outputs"]

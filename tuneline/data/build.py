@@ -1,6 +1,8 @@
 """The dataset pipeline: build_dataset reads, converts, cleans, renders, tokenizes, checks, balances,
-splits and weights every source, counting what each step drops; preview shows the first rendered examples."""
+splits and weights every source, counting what each step drops; preview shows the first rendered examples;
+summary_line is the stage's one line. Both warn on stderr about a named template the model was not trained with."""
 
+import sys
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -14,7 +16,7 @@ from tuneline.data.cleaning import (
 )
 from tuneline.data.formats import Example, check_tabular_params, row_to_example
 from tuneline.data.rows import BadRow, read_source, source_key
-from tuneline.data.templates import TEMPLATES, Rendered, check_template_tokens
+from tuneline.data.templates import TEMPLATES, Rendered, check_template_tokens, template_mismatch
 from tuneline.data.tokens import (
     Encoded, check_encoded, choice_ids, choose_pad_token, encode, fit_to_length, load_dataset_tokenizer, marked,
 )
@@ -38,6 +40,8 @@ STEPS = (
     "eval",
     "train_after_weights",
 )
+# The steps that count rows kept (or changed), not dropped: the summary line lists them apart.
+_KEPT_STEPS = ("read", "normalised", "train", "eval", "train_after_weights")
 
 
 @dataclass
@@ -54,7 +58,7 @@ def build_dataset(
     *, params: DatasetParams, data_dir: Path, tokenizer: PreTrainedTokenizerBase, tokenizer_dir: Path
 ) -> Built:
     """Read, convert, clean, render, tokenize, check, balance, split and weight every source."""
-    check_template_tokens(params.template, tokenizer, tokenizer_dir)
+    _check_template(params.template, tokenizer, tokenizer_dir)
     pad_changed_from = choose_pad_token(tokenizer)
     counts: dict[str, Counter] = {step: Counter() for step in STEPS}
     bad_rows: list[str] = []
@@ -124,6 +128,14 @@ def build_dataset(
     return Built(train, evaluation, counts, bad_rows, inputs, pad_changed_from)
 
 
+def _check_template(template: str, tokenizer: PreTrainedTokenizerBase, tokenizer_dir: Path) -> None:
+    """Refuse a template whose tokens the tokenizer lacks; warn on stderr about one it was not trained with."""
+    check_template_tokens(template, tokenizer, tokenizer_dir)
+    mismatch = template_mismatch(template, tokenizer, tokenizer_dir)
+    if mismatch:
+        print(f"WARNING: {mismatch}", file=sys.stderr)
+
+
 def _partition(examples: list, keep: Callable) -> tuple[list, list]:
     return [e for e in examples if keep(e)], [e for e in examples if not keep(e)]
 
@@ -138,7 +150,7 @@ def _count_dropped(
 def preview(*, params: DatasetParams, data_dir: Path, tokenizer_dir: Path, count: int) -> str:
     """The first `count` rows of every source, rendered and tokenized, trained tokens inside ⟦ ⟧."""
     tokenizer = load_dataset_tokenizer(tokenizer_dir)
-    check_template_tokens(params.template, tokenizer, tokenizer_dir)
+    _check_template(params.template, tokenizer, tokenizer_dir)
     choose_pad_token(tokenizer)
     shown = []
     for index, source in enumerate(params.sources):
@@ -157,3 +169,12 @@ def preview(*, params: DatasetParams, data_dir: Path, tokenizer_dir: Path, count
                 f"{marked(encoded, tokenizer)}"
             )
     return "\n".join(shown)
+
+
+def summary_line(steps: dict[str, int]) -> str:
+    """The dataset stage's one line from the card's totals: rows read, the splits, and what was dropped, if any."""
+    dropped = ", ".join(f"{count} {step}" for step, count in steps.items() if count and step not in _KEPT_STEPS)
+    return (
+        f"dataset: {steps['read']} rows read, {steps['train']} train / {steps['eval']} eval "
+        f"({steps['train_after_weights']} train after weights)" + (f"; dropped: {dropped}" if dropped else "")
+    )

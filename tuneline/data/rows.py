@@ -82,7 +82,8 @@ def _jsonl_rows(path: Path) -> Iterator[Row]:
                 ) from None
             offset += len(raw)
             if line.strip():
-                yield _parse_json_row(f"{path}:{number}", line)
+                # Without its line end: a line cut short fails where it ends, not at column 1 of the line after.
+                yield _parse_json_row(f"{path}:{number}", line.rstrip("\r\n"))
 
 
 def _json_array_rows(path: Path) -> Iterator[Row]:
@@ -101,8 +102,15 @@ def _parse_json_row(ref: str, line: str) -> Row:
     try:
         fields = json.loads(line)
     except json.JSONDecodeError as error:
-        return Row(ref, None, f"malformed JSON ({error.msg} at column {error.colno})")
+        return Row(ref, None, f"malformed JSON ({_json_error_place(error)})")
     return Row(ref, fields) if isinstance(fields, dict) else Row(ref, None, "not a JSON object")
+
+
+def _json_error_place(error: json.JSONDecodeError) -> str:
+    """The parser's reason and the column (in characters, from 1) where it stopped on a one-line document."""
+    reason = error.msg.removesuffix(" at")  # "Unterminated string starting at", "Invalid control character at"
+    at_end = ", the end of the line" if error.pos == len(error.doc) else ""
+    return f"{reason} at column {error.colno}{at_end}"
 
 
 def _read_table_file(path: Path, as_text: bool) -> pd.DataFrame:

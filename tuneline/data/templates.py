@@ -1,5 +1,6 @@
 """Chat templates (`dataset.template`): a conversation rendered as text, with the character spans of the
-answers the loss covers; and the check that the tokenizer has the tokens a template writes."""
+answers the loss covers; the check that the tokenizer has the tokens a template writes; and the warning when a
+named template is not the format the tokenizer's own chat template writes."""
 
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -163,3 +164,26 @@ def check_template_tokens(template: str, tokenizer: PreTrainedTokenizerBase, tok
                 f"which the tokenizer "
                 f"in {tokenizer_dir} does not have; choose the template the model was trained with (or 'tokenizer')"
             )
+
+
+# The marker each named template writes, which a chat template of the same family writes too.
+_MARKERS = {"llama2": "[INST]", "llama3": "<|start_header_id|>", "chatml": "<|im_start|>", "alpaca": "### Instruction:"}
+
+
+def template_mismatch(template: str, tokenizer: PreTrainedTokenizerBase, tokenizer_dir: Path) -> str | None:
+    """A one-line warning when a named template writes a marker that the tokenizer's own chat template does
+    not: the model learnt its own format, not this one (nor a hybrid such as llama2 on SmolLM2, whose BOS is
+    ChatML's <|im_start|>). None for `tokenizer`, and for a tokenizer without a chat template: a base model has
+    no format of its own that a named template could contradict."""
+    if template == "tokenizer" or not tokenizer.chat_template:
+        return None
+    own = tokenizer.get_chat_template()
+    if _MARKERS[template] in own:
+        return None
+    family = next((name for name, marker in _MARKERS.items() if marker in own), None)
+    uses = f"'{_MARKERS[family]}' (as {family} does)" if family else "markers of its own"
+    return (
+        f"params.yaml: dataset.template: '{template}' writes '{_MARKERS[template]}', but the chat template of the "
+        f"tokenizer in {tokenizer_dir} uses {uses}, so the model would learn a format it was never trained on; "
+        f"set dataset.template: tokenizer (the model's own chat template)" + (f" or {family}" if family else "")
+    )
