@@ -7,7 +7,8 @@ stage's tokenized eval split, so every model sees exactly the tokens training sa
 follows each example's kind (set by the dataset stage from its source's format; `evaluate.kind` overrides):
 
     label      accuracy and macro-F1 of the most likely label (each label scored by its log-likelihood as
-               the answer), a confusion matrix, and a logistic regression on the same features as baseline
+               the answer; an answered multiple-choice question's labels are its letters), a confusion
+               matrix, and a logistic regression on the same features as baseline (tabular rows)
     mcq        generated questions: the rate that parse into a question, four distinct options and one
                answer key (format validity), and how often that key is the reference's
     free_text  exact match and ROUGE-L of the generated answer against the reference, and the reference
@@ -18,7 +19,8 @@ of `evaluate.generation` (greedy, beam or sampling; batched with left padding; s
 end-of-turn): EVAL_DIR/generations.jsonl and generations.html put them side by side. The merged model's
 figures must match the QLoRA model's within what metrics/merge.json predicts (KL, top-1 agreement);
 `merged_matches_qlora` says whether they do, and a mismatch is printed as a warning. With
-`evaluate.lm_eval.tasks`, lm-evaluation-harness runs on the merged model (the `lm-eval` extra).
+`evaluate.lm_eval.tasks`, lm-evaluation-harness runs on the merged model (the `lm-eval` extra); the tasks
+are checked, and their data loaded, before any model is scored.
 
 The scoring lives in tuneline/scoring.py, the eval directory's tables in tuneline/eval_report.py.
 """

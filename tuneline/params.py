@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from tuneline.errors import TunelineError
 
@@ -63,12 +63,29 @@ class PromptCompletionSource(Source):
     format: Literal["prompt_completion"]  # prompt, completion
 
 
+MCQ_INSTRUCTIONS = {  # mcq sources: each task's instruction, where the source sets none
+    "generate": "Write a multiple-choice question with four options (A-D) and the answer key.",
+    "answer": "Answer the multiple-choice question with the letter of the correct option (A, B, C or D).",
+}
+
+
 class McqSource(Source):
-    """Multiple-choice question generation: question, A, B, C, D (or choices: a list of four), answer (A-D or
-    0-3), context (optional). The user turn is `instruction` (+ the context); the answer is the question."""
+    """Multiple-choice questions: question, A, B, C, D (or choices: a list of four), answer (A-D or 0-3),
+    context (optional). `task: generate`: the user turn is `instruction` (+ the context) and the answer is the
+    question. `task: answer`: the user turn is `instruction` (+ the context), the question and its options,
+    and the answer is the letter, as MMLU-style benchmarks ask."""
 
     format: Literal["mcq"]
-    instruction: str = "Write a multiple-choice question with four options (A-D) and the answer key."
+    task: Literal["generate", "answer"] = "generate"  # write questions, or answer them with the letter
+    instruction: str = MCQ_INSTRUCTIONS["generate"]  # unset: the task's own, from MCQ_INSTRUCTIONS
+
+    @model_validator(mode="before")
+    @classmethod
+    def _instruction_of_the_task(cls, data: object) -> object:
+        """An unset instruction is the task's own: answering needs other words than generating."""
+        if isinstance(data, dict) and "instruction" not in data and data.get("task") in MCQ_INSTRUCTIONS:
+            return {**data, "instruction": MCQ_INSTRUCTIONS[data["task"]]}
+        return data
 
 
 class TabularSource(Source):
@@ -146,6 +163,7 @@ class GenerationParams(Section):
 class LmEvalParams(Section):
     tasks: list[str]  # lm-evaluation-harness task names, run on the merged model; [] = none
     limit: int = Field(gt=0)  # examples per task
+    include_path: str | None = None  # a folder of your own task YAMLs (lm-eval's --include_path); None = built-ins
 
 
 class EvaluateParams(Section):

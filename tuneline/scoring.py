@@ -1,19 +1,23 @@
 """Scoring a model on the dataset stage's tokenized eval split: likelihoods, generation and the metrics.
 
 What is measured follows each row's kind (set by the dataset stage from its source's format;
-`evaluate.kind` overrides): label rows by the log-likelihood of each label as the answer (accuracy,
-macro-F1, and a logistic regression on the same features as baseline), mcq rows by the questions they
-generate (format validity and answer-key accuracy), free_text rows by exact match and ROUGE-L of the
-generated answer and by the reference answers' loss and perplexity; `eval_loss` covers every row.
+`evaluate.kind` overrides): label rows (tabular, and answered multiple-choice questions, whose labels are
+the letters A-D) by the log-likelihood of each label as the answer (accuracy, macro-F1, and a logistic
+regression on the same features as baseline), mcq rows by the questions they generate (format validity
+and answer-key accuracy), free_text rows by exact match and ROUGE-L of the generated answer and by the
+reference answers' loss and perplexity; `eval_loss` covers every row. lm-evaluation-harness tasks run on
+the merged model where `evaluate.lm_eval.tasks` names them.
 `evaluate()` scores the base, QLoRA and merged models (the evaluate stage); `score_model()` scores one
 (also the promotion gate, re-scoring a promoted model on a new eval split).
 """
 
+import difflib
 import json
 import math
 import re
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -30,6 +34,9 @@ from tuneline.modeling import (
     QuantSpec, end_token_ids, load_full_model, load_quantized_model, load_tokenizer, pad_batch, read_split,
 )
 from tuneline.params import EvaluateParams, GenerationParams, LmEvalParams
+
+if TYPE_CHECKING:  # lm-eval is an optional extra
+    from lm_eval.tasks import TaskManager
 
 MODELS = ("base", "qlora", "merged")
 _MCQ_PATTERN = re.compile(
@@ -250,27 +257,94 @@ def merged_vs_qlora(metrics: dict, tolerances: dict[str, float]) -> list[str]:
 # ---------------------------------------------------------------------------------------------- lm-eval
 
 
-def run_lm_eval(merged_dir: Path, params: LmEvalParams, batch_size: int) -> dict:
-    """lm-evaluation-harness on the merged model, or why it was skipped."""
+_LM_EVAL_KEY = "params.yaml: evaluate.lm_eval"
+
+
+def _lm_eval_installed() -> bool:
+    try:
+        import lm_eval  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def lm_eval_device() -> str:
+    """The device lm-eval runs the model on: lm-eval's own default is CUDA, even on a machine without it."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def load_lm_eval_tasks(params: LmEvalParams) -> "TaskManager | None":
+    """lm-eval's TaskManager, with every task of `evaluate.lm_eval.tasks` found and its data loaded, so that a
+    wrong name or data that cannot be fetched stops the stage in one line before any model is scored; None
+    when there is nothing to run (no tasks, or lm-eval not installed: `run_lm_eval` says so)."""
+    if not params.tasks or not _lm_eval_installed():
+        return None
+    from lm_eval.tasks import TaskManager
+
+    if params.include_path is not None and not Path(params.include_path).is_dir():
+        raise TunelineError(
+            f"{_LM_EVAL_KEY}.include_path: '{params.include_path}' is not a folder; point it at the folder that "
+            f"holds your task YAMLs (relative to the pipeline's root)"
+        )
+    manager = TaskManager(include_path=params.include_path)
+    for task in params.tasks:  # every name first: a typo in the last task need not wait for the data of the others
+        _check_lm_eval_task_name(manager, task)
+    for task in params.tasks:
+        _load_lm_eval_task(manager, task)
+    return manager
+
+
+def _check_lm_eval_task_name(manager: "TaskManager", task: str) -> None:
+    if task in manager.all_tasks or Path(task).is_file():  # lm-eval also takes the path of a task YAML
+        return
+    close = difflib.get_close_matches(task, manager.all_tasks, n=1)
+    hint = f" (did you mean '{close[0]}'?)" if close else ""
+    raise TunelineError(
+        f"{_LM_EVAL_KEY}.tasks: '{task}' is not an lm-eval task{hint}; `lm-eval ls tasks` lists them, and "
+        f"evaluate.lm_eval.include_path adds a folder of your own task YAMLs"
+    )
+
+
+def _load_lm_eval_task(manager: "TaskManager", task: str) -> None:
+    """Build the task, which fetches its data (from the Hugging Face cache when offline)."""
+    try:
+        manager.load([task])
+    except Exception as error:  # datasets and the hub client raise many types (offline, 404, gated, no file)
+        raise TunelineError(
+            f"{_LM_EVAL_KEY}.tasks: '{task}' cannot load its data ({type(error).__name__}: "
+            f"{' '.join(str(error).split())[:200]}); run it once where the Hugging Face hub is reachable (the "
+            f"cache keeps the data), or give it local data files in a task YAML under evaluate.lm_eval.include_path"
+        ) from None
+
+
+def run_lm_eval(
+    merged_dir: Path, params: LmEvalParams, batch_size: int, task_manager: "TaskManager | None" = None
+) -> dict:
+    """lm-evaluation-harness on the merged model (`task_manager` from `load_lm_eval_tasks`, or loaded here),
+    or why it was skipped."""
     if not params.tasks:
         return {}
-    try:
-        import lm_eval
-    except ImportError:
+    if not _lm_eval_installed():
         print("evaluate: lm_eval.tasks set but lm-eval is not installed (pip install 'tuneline[lm-eval]'); skipped")
         return {"lm_eval_skipped": "not installed"}
+    import lm_eval
+
     results = lm_eval.simple_evaluate(
         model="hf",
-        model_args=f"pretrained={merged_dir},dtype=float32",
-        tasks=params.tasks,
+        model_args={"pretrained": str(merged_dir), "dtype": "float32"},
+        tasks=list(params.tasks),
         limit=params.limit,
         batch_size=batch_size,
+        device=lm_eval_device(),
+        task_manager=task_manager or load_lm_eval_tasks(params),
+        bootstrap_iters=0,  # no standard errors: they are not reported
+        log_samples=False,
     )["results"]
-    return {
+    return {  # lm-eval names a figure "metric,filter"; its other keys (alias, sample_len) describe the run
         f"lm_eval_{task}_{metric.split(',')[0]}": value
         for task, figures in results.items()
         for metric, value in figures.items()
-        if isinstance(value, int | float) and "stderr" not in metric
+        if "," in metric and "stderr" not in metric and isinstance(value, int | float)
     }
 
 
@@ -328,6 +402,7 @@ def evaluate(
 ) -> tuple[dict, pd.DataFrame, dict[str, dict]]:
     """Score base, QLoRA and merged models; return (metrics, the rows scored, each model's outputs)."""
     rows = select_rows(read_split(dataset_dir / "eval.parquet"), params)
+    lm_eval_tasks = load_lm_eval_tasks(params.lm_eval)  # before the models: a bad task fails now, not after them
     tokenizer = load_tokenizer(dataset_dir / "tokenizer")
     # One model in memory at a time: each is loaded, scored and dropped.
     loaders = {
@@ -353,5 +428,5 @@ def evaluate(
     metrics["merged_matches_qlora"] = not problems
     for problem in problems:
         print(f"WARNING: the merged model does not behave like the QLoRA model: {problem}", file=sys.stderr)
-    metrics |= run_lm_eval(merged_dir, params.lm_eval, params.batch_size)
+    metrics |= run_lm_eval(merged_dir, params.lm_eval, params.batch_size, lm_eval_tasks)
     return metrics, rows, outputs

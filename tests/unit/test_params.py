@@ -9,7 +9,7 @@ import yaml
 from conftest import PROJECT, write_tiny_sources
 from tuneline.errors import TunelineError
 from tuneline.params import (
-    TrainParams, load_section, read_params_file, validate_section,
+    MCQ_INSTRUCTIONS, TrainParams, load_section, read_params_file, validate_section,
 )
 
 
@@ -157,3 +157,24 @@ class TestParams:
         with pytest.raises(TunelineError) as error:
             validate_section("train", train)
         assert "params.yaml: train.target_modules: " in str(error.value)
+
+    def test_mcq_sources_generate_questions_unless_told_to_answer_them(self, tiny_params):
+        sources = [{"path": "q.csv", "format": "mcq"}, {"path": "q.csv", "format": "mcq", "task": "answer"},
+                   {"path": "q.csv", "format": "mcq", "task": "answer", "instruction": "Pick one."}]
+        dataset = validate_section("dataset", {**tiny_params["dataset"], "sources": sources})
+        assert [(source.task, source.instruction) for source in dataset.sources] == [
+            ("generate", "Write a multiple-choice question with four options (A-D) and the answer key."),
+            ("answer", MCQ_INSTRUCTIONS["answer"]),
+            ("answer", "Pick one."),
+        ]
+
+    def test_an_unknown_mcq_task_is_named(self, tiny_params):
+        sources = [{"path": "q.csv", "format": "mcq", "task": "solve"}]
+        with pytest.raises(TunelineError) as error:
+            validate_section("dataset", {**tiny_params["dataset"], "sources": sources})
+        assert str(error.value) == (
+            "params.yaml: dataset.sources[0].task: input should be 'generate' or 'answer' (got 'solve')"
+        )
+
+    def test_lm_eval_reads_only_the_built_in_tasks_by_default(self, real_params):
+        assert validate_section("evaluate", real_params["evaluate"]).lm_eval.include_path is None

@@ -1,16 +1,19 @@
 """tuneline/scoring.py and eval_report.py: likelihood scoring, generation in every decoding mode, each metric kind
-on outputs with known answers (a perfect, a wrong and a malformed output each give the expected figure), the
-eval pages."""
+on outputs with known answers (a perfect, a wrong and a malformed output each give the expected figure),
+multiple-choice answering scored as labels, lm-evaluation-harness on a local task, the eval pages."""
 
 import json
 import math
+import shutil
+from functools import partial
+from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from tuneline.errors import TunelineError
-from tuneline.params import validate_section
-
+from tuneline.params import MCQ_INSTRUCTIONS, LmEvalParams, validate_section
 
 
 @pytest.fixture(scope="module")
@@ -165,6 +168,76 @@ class TestLabel:
         assert scores["accuracy"] == 0.5 and scores["macro_f1"] == pytest.approx(1 / 3)
 
 
+MCQ_ANSWER_ROWS = [  # A-D columns; the answer as a letter or as an index (0-3); each letter four times
+    {"question": f"Which word is number {n}?", "A": f"radius {n}", "B": f"texture {n}", "C": f"area {n}",
+     "D": f"perimeter {n}", "answer": "ABCD"[n % 4] if n % 2 else n % 4}
+    for n in range(16)
+]
+
+
+@pytest.fixture(scope="module")
+def answer_dataset(tmp_path_factory, tiny_model_dir, tiny_params) -> Path:
+    """The dataset stage's output for one mcq source with task: answer; half of it (two rows a letter) eval."""
+    from transformers import AutoTokenizer
+
+    from tuneline.data import build_dataset, write_outputs
+
+    root = tmp_path_factory.mktemp("mcq-answer")
+    (root / "sources").mkdir()
+    (root / "sources" / "mcq.jsonl").write_text("".join(json.dumps(row) + "\n" for row in MCQ_ANSWER_ROWS))
+    sources = [{"path": "mcq.jsonl", "format": "mcq", "task": "answer"}]
+    params = validate_section("dataset", {**tiny_params["dataset"], "sources": sources, "system_prompt": "",
+                                          "balance": False, "eval_fraction": 0.5, "max_length": 1024})
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    built = build_dataset(params=params, data_dir=root / "sources", tokenizer=tokenizer, tokenizer_dir=tiny_model_dir)
+    (root / "dataset").mkdir()
+    write_outputs(built, params, tokenizer, tiny_model_dir, root / "dataset")
+    return root / "dataset"
+
+
+@pytest.fixture(scope="module")
+def answer_rows(answer_dataset):
+    from tuneline.modeling import read_split
+
+    return read_split(answer_dataset / "eval.parquet")
+
+
+class TestMcqAnswering:
+    """An mcq source with `task: answer`: the model reads the question and its four options and answers with
+    the letter, which evaluation scores like any label, by each letter's likelihood."""
+
+    def test_the_model_sees_the_question_and_its_options_and_answers_with_the_letter(self, answer_rows):
+        row = answer_rows.iloc[0]
+        n = int(row["ref"].rsplit(":", 1)[1]) - 1  # ".../mcq.jsonl:3" is MCQ_ANSWER_ROWS[2]
+        assert row["question"] == (
+            f"{MCQ_INSTRUCTIONS['answer']}\n\nQuestion: Which word is number {n}?\n"
+            f"A. radius {n}\nB. texture {n}\nC. area {n}\nD. perimeter {n}"
+        )
+        assert row["reference"] == row["label"] == "ABCD"[n % 4]
+        assert set(answer_rows["kind"]) == {"label"}  # scored like labels: accuracy and macro-F1
+        assert list(row["choices"]) == ["A", "B", "C", "D"]
+        assert sorted(answer_rows["label"]) == ["A", "A", "B", "B", "C", "C", "D", "D"]
+
+    def test_accuracy_and_macro_f1_of_the_most_likely_letter(self, tiny_model_dir, answer_dataset, answer_rows,
+                                                             tiny_params):
+        from tuneline.modeling import load_full_model, load_tokenizer
+        from tuneline.scoring import score_model
+
+        letter_b = {int(row.choice_ids[1][0]) for row in answer_rows.itertuples()}
+        assert len(letter_b) == 1  # every row's "B" answer starts with the same token
+        model = load_full_model(tiny_model_dir).eval()
+        bias = torch.zeros(model.config.vocab_size)
+        bias[letter_b.pop()] = 1000.0
+        model.lm_head.register_forward_hook(lambda module, inputs, logits: logits + bias)  # a model that says "B"
+        params = validate_section("evaluate", {**tiny_params["evaluate"], "max_examples": 0})
+        figures, outputs = score_model(model, load_tokenizer(answer_dataset / "tokenizer"), answer_rows, params, "B")
+        assert outputs["labels"] == ["B"] * 8
+        # truth A, B, C, D twice each, all answered B: accuracy 2/8; F1 of B = 2PR/(P+R) with P = 2/8 and R = 1,
+        # 0.4; of A, C and D 0; macro-F1 0.4 / 4
+        assert figures["accuracy"] == 0.25
+        assert figures["macro_f1"] == pytest.approx(0.1)
+
+
 class TestMergedMatchesQlora:
     METRICS = {"accuracy": {"base": 0.5, "qlora": 0.9, "merged": 0.9, "logistic_regression": 0.93},
                "eval_loss": {"base": 5.2, "qlora": 0.2, "merged": 0.2000001}, "examples": {"label": 10}}
@@ -310,8 +383,7 @@ class TestEvaluateStage:
     def test_lm_eval_is_skipped_cleanly_without_the_extra(self, tmp_path, capsys, monkeypatch):
         import builtins
 
-        from tuneline.scoring import run_lm_eval
-        from tuneline.params import LmEvalParams
+        from tuneline.scoring import load_lm_eval_tasks, run_lm_eval
 
         assert run_lm_eval(tmp_path, LmEvalParams(tasks=[], limit=5), batch_size=2) == {}
         real_import = builtins.__import__
@@ -322,6 +394,121 @@ class TestEvaluateStage:
             return real_import(name, *args, **kwargs)
 
         monkeypatch.setattr(builtins, "__import__", without_lm_eval)  # as in an install without the extra
+        assert load_lm_eval_tasks(LmEvalParams(tasks=["arc_easy"], limit=5)) is None  # nothing to check up front
         assert run_lm_eval(tmp_path, LmEvalParams(tasks=["arc_easy"], limit=5), batch_size=2) == {
             "lm_eval_skipped": "not installed"}
         assert "pip install 'tuneline[lm-eval]'" in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------------------------- lm-eval
+
+LOCAL_TASK = "tuneline_tiny_letters"
+LOCAL_DOCS = [  # the answer is an option's index; two of the four are the first option
+    {"question": "first?", "answer": 0}, {"question": "also first?", "answer": 0},
+    {"question": "second?", "answer": 1}, {"question": "last?", "answer": 3},
+]
+
+
+def write_local_task(folder: Path, name: str, data_file: Path) -> Path:
+    """A multiple-choice task YAML for lm-eval whose data is a local JSON Lines file: options a-d after
+    "Answer:", one token each, the target an index."""
+    folder.mkdir(parents=True, exist_ok=True)
+    config = {
+        "task": name,
+        "dataset_path": "json",
+        "dataset_kwargs": {"data_files": {"test": str(data_file)}, "cache_dir": str(folder.parent / "hf-cache")},
+        "test_split": "test",
+        "output_type": "multiple_choice",
+        "doc_to_text": "Question: {{question}}\nAnswer:",
+        "doc_to_choice": ["a", "b", "c", "d"],
+        "doc_to_target": "answer",
+        "target_delimiter": "",
+        "metric_list": [{"metric": "acc"}],
+    }
+    (folder / f"{name}.yaml").write_text(yaml.safe_dump(config))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def lm_eval():
+    pytest.importorskip("lm_eval", reason="the lm-eval extra is not installed (pip install 'tuneline[lm-eval]')")
+    import lm_eval.tasks
+
+    return lm_eval
+
+
+@pytest.fixture(scope="module")
+def task_dir(tmp_path_factory) -> Path:
+    """A folder of two local tasks: LOCAL_TASK, and one whose data file does not exist."""
+    root = tmp_path_factory.mktemp("lm-eval")
+    (root / "docs.jsonl").write_text("".join(json.dumps(doc) + "\n" for doc in LOCAL_DOCS))
+    write_local_task(root / "tasks", LOCAL_TASK, root / "docs.jsonl")
+    return write_local_task(root / "tasks", "tuneline_tiny_no_data", root / "absent.jsonl")
+
+
+@pytest.fixture(scope="module")
+def uniform_model_dir(tiny_model_dir, tmp_path_factory) -> Path:
+    """The tiny model with its output layer zeroed: every token equally likely, so every option ties."""
+    from tuneline.modeling import load_full_model
+
+    out = tmp_path_factory.mktemp("uniform-model")
+    model = load_full_model(tiny_model_dir)
+    torch.nn.init.zeros_(model.lm_head.weight)
+    model.save_pretrained(out)
+    for tokenizer_file in tiny_model_dir.glob("*token*"):
+        shutil.copy2(tokenizer_file, out)
+    return out
+
+
+class TestLmEval:
+    @pytest.fixture(autouse=True)
+    def only_local_tasks(self, lm_eval, monkeypatch):
+        """lm-eval indexes its ~14,000 built-in task YAMLs in 20-40 s on two cores: here, the local ones only."""
+        monkeypatch.setattr(lm_eval.tasks, "TaskManager", partial(lm_eval.tasks.TaskManager, include_defaults=False))
+
+    def test_a_local_task_runs_on_a_machine_without_cuda(self, task_dir, uniform_model_dir):
+        from tuneline.scoring import lm_eval_device, run_lm_eval
+
+        assert lm_eval_device() == ("cuda" if torch.cuda.is_available() else "cpu")  # lm-eval's default: cuda
+        params = LmEvalParams(tasks=[LOCAL_TASK], limit=4, include_path=str(task_dir))
+        # Every option ties, and lm-eval then picks the first: accuracy is the share of first-option answers.
+        assert run_lm_eval(uniform_model_dir, params, batch_size=2) == {f"lm_eval_{LOCAL_TASK}_acc": 0.5}
+
+    def test_an_unknown_task_is_one_line_before_any_model_is_scored(self, task_dir, tiny_dataset_dir, tiny_params,
+                                                                   tmp_path):
+        from tuneline.scoring import evaluate
+
+        lm_eval_params = {"tasks": ["tuneline_tiny_leters"], "limit": 4, "include_path": str(task_dir)}
+        params = validate_section("evaluate", {**tiny_params["evaluate"], "lm_eval": lm_eval_params})
+        absent = tmp_path / "no-model"  # scoring any model first would fail on it instead
+        with pytest.raises(TunelineError) as error:
+            evaluate(base_dir=absent, adapter_dir=absent, merged_dir=absent, dataset_dir=tiny_dataset_dir,
+                     merge_metrics={"kl": 0.0, "top1_agreement": 1.0}, params=params)
+        assert str(error.value) == (
+            "params.yaml: evaluate.lm_eval.tasks: 'tuneline_tiny_leters' is not an lm-eval task (did you mean "
+            "'tuneline_tiny_letters'?); `lm-eval ls tasks` lists them, and evaluate.lm_eval.include_path adds a "
+            "folder of your own task YAMLs"
+        )
+
+    def test_a_task_whose_data_cannot_be_fetched_is_one_line(self, task_dir):
+        from tuneline.scoring import load_lm_eval_tasks
+
+        params = LmEvalParams(tasks=[LOCAL_TASK, "tuneline_tiny_no_data"], limit=4, include_path=str(task_dir))
+        with pytest.raises(TunelineError) as error:
+            load_lm_eval_tasks(params)
+        message = str(error.value)
+        assert message.startswith("params.yaml: evaluate.lm_eval.tasks: 'tuneline_tiny_no_data' cannot load its data (")
+        assert message.endswith("); run it once where the Hugging Face hub is reachable (the cache keeps the data), "
+                                "or give it local data files in a task YAML under evaluate.lm_eval.include_path")
+        assert "\n" not in message
+
+    def test_an_include_path_that_is_not_a_folder(self, tmp_path):
+        from tuneline.scoring import load_lm_eval_tasks
+
+        params = LmEvalParams(tasks=[LOCAL_TASK], limit=4, include_path=str(tmp_path / "my-tasks"))
+        with pytest.raises(TunelineError) as error:
+            load_lm_eval_tasks(params)
+        assert str(error.value) == (
+            f"params.yaml: evaluate.lm_eval.include_path: '{tmp_path}/my-tasks' is not a folder; point it at the "
+            f"folder that holds your task YAMLs (relative to the pipeline's root)"
+        )

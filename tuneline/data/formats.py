@@ -12,16 +12,14 @@ from tuneline.data.rows import MCQ_KEYS, BadRow, Row, source_key
 from tuneline.errors import TunelineError
 from tuneline.params import McqSource, Source, TabularSource
 
-_KINDS = {"tabular": "label", "mcq": "mcq"}  # source format -> evaluation kind; any other format: free_text
-
 
 @dataclass
 class Example:
     source: int  # index in dataset.sources
     ref: str  # where the row came from: "data/sources/chat.jsonl:12"
-    kind: str  # what evaluation measures: label (classification), mcq (question generation), free_text
+    kind: str  # what evaluation measures: label (classification, MCQ answering), mcq (question generation), free_text
     messages: list[dict]  # {role, content}; an alpaca user turn may also carry "input"
-    label: str | None = None  # the class, for rows that have one (tabular)
+    label: str | None = None  # the class, for rows that have one (tabular; mcq answering: the letter)
     choices: dict[str, str] = field(default_factory=dict)  # label -> the answer text for it
     features: dict | None = None  # tabular rows: the numbers, for the logistic-regression baseline
     trailing_turns: int = 0  # unanswered user turns dropped from the end
@@ -100,9 +98,8 @@ def _prompt_completion_messages(row: dict, source: Source) -> list[dict]:
     ]
 
 
-def _mcq_messages(row: dict, source: McqSource) -> list[dict]:
-    """Multiple-choice question generation: the user asks for a question (on the context, if any); the
-    answer is the question itself, rendered "Question: … / A. … / B. … / C. … / D. … / Answer: X"."""
+def _mcq_fields(row: dict, source: McqSource) -> tuple[str, list, str]:
+    """A multiple-choice row's question, its four options and its key (A-D; an index 0-3 is converted)."""
     question = _text_of(_column(row, source, "question"), "question")
     options = _column(row, source, "choices", required=False)
     if options is None:
@@ -115,13 +112,37 @@ def _mcq_messages(row: dict, source: McqSource) -> list[dict]:
         key = MCQ_KEYS[int(key)]
     if key not in MCQ_KEYS:
         raise BadRow(f"answer {answer!r} is not one of {', '.join(MCQ_KEYS)} (or 0-3)")
+    return question, list(options), key
+
+
+def _mcq_question_lines(question: str, options: list) -> list[str]:
+    """The question and its options, one a line ("Question: …", "A. …" to "D. …"), as both tasks write them."""
+    return [f"Question: {question}", *(f"{letter}. {option}" for letter, option in zip(MCQ_KEYS, options))]
+
+
+def _mcq_request(row: dict, source: McqSource) -> str:
     context = _column(row, source, "context", required=False)
-    request = f"{source.instruction}\n\n{context}" if context else source.instruction
-    lines = [f"Question: {question}", *(f"{letter}. {option}" for letter, option in zip(MCQ_KEYS, options))]
+    return f"{source.instruction}\n\n{context}" if context else source.instruction
+
+
+def _mcq_messages(row: dict, source: McqSource) -> list[dict]:
+    """Multiple-choice question generation: the user asks for a question (on the context, if any); the
+    answer is the question itself, rendered "Question: … / A. … / B. … / C. … / D. … / Answer: X"."""
+    question, options, key = _mcq_fields(row, source)
     return [
-        {"role": "user", "content": request},
-        {"role": "assistant", "content": "\n".join([*lines, f"Answer: {key}"])},
+        {"role": "user", "content": _mcq_request(row, source)},
+        {"role": "assistant", "content": "\n".join([*_mcq_question_lines(question, options), f"Answer: {key}"])},
     ]
+
+
+def _mcq_answer_example(row: dict, source: McqSource) -> tuple[list[dict], str, dict[str, str]]:
+    """Multiple-choice answering, as benchmarks ask it: the user turn holds the question and its four options
+    (after the instruction and the context, if any); the answer is the letter, a label among A-D, so that
+    evaluation scores each letter by its likelihood."""
+    question, options, key = _mcq_fields(row, source)
+    prompt = "\n\n".join([_mcq_request(row, source), "\n".join(_mcq_question_lines(question, options))])
+    messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": key}]
+    return messages, key, {letter: letter for letter in MCQ_KEYS}
 
 
 def _label_key(value: object) -> str:
@@ -172,6 +193,8 @@ def row_to_example(index: int, source: Source, row: Row, system_prompt: str) -> 
     label, choices, features = None, {}, None
     if source.format == "tabular":
         messages, label, choices, features = _tabular_example(row.fields, source)
+    elif source.format == "mcq" and source.task == "answer":
+        messages, label, choices = _mcq_answer_example(row.fields, source)
     else:
         readers: dict[str, Callable[[dict, Source], list[dict]]] = {
             "alpaca": _alpaca_messages,
@@ -185,8 +208,15 @@ def row_to_example(index: int, source: Source, row: Row, system_prompt: str) -> 
     system = source.system_prompt if source.system_prompt is not None else system_prompt
     if messages[0]["role"] != "system" and system:
         messages = [{"role": "system", "content": system}, *messages]
-    kind = _KINDS.get(source.format, "free_text")
-    return Example(index, row.ref, kind, messages, label or None, choices, features, trailing)
+    return Example(index, row.ref, _kind(source), messages, label or None, choices, features, trailing)
+
+
+def _kind(source: Source) -> str:
+    """What evaluation measures on a source's rows: the likelihood of each label for tabular rows and answered
+    multiple-choice questions (label), generated questions (mcq), and generated text for the rest (free_text)."""
+    if source.format == "mcq":
+        return "label" if source.task == "answer" else "mcq"
+    return "label" if source.format == "tabular" else "free_text"
 
 
 def _check_turn_order(messages: list[dict]) -> tuple[list[dict], int]:
