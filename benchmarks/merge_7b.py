@@ -38,7 +38,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerF
 
 from tuneline.converting import convert
 from tuneline.merging import dequantized_nf4, write_merged_model
-from tuneline.modeling import QuantSpec, linear_layers, load_tokenizer, meta_model
+from tuneline.modeling import QuantSpec, layer_features, load_tokenizer, meta_model, quantized_layers
 from tuneline.tensor_io import plan_shards
 
 GiB = 2**30
@@ -104,10 +104,11 @@ def build_adapter(directory: Path, config, generator: torch.Generator) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     weights = {}
-    for name, layer in linear_layers(meta_model(config)).items():
+    for name, layer in quantized_layers(meta_model(config)).items():
         prefix = f"base_model.model.{name}"
-        weights[f"{prefix}.lora_A.weight"] = torch.randn(LORA_RANK, layer.in_features, generator=generator) * 0.01
-        weights[f"{prefix}.lora_B.weight"] = torch.randn(layer.out_features, LORA_RANK, generator=generator) * 0.01
+        in_features, out_features = layer_features(layer)
+        weights[f"{prefix}.lora_A.weight"] = torch.randn(LORA_RANK, in_features, generator=generator) * 0.01
+        weights[f"{prefix}.lora_B.weight"] = torch.randn(out_features, LORA_RANK, generator=generator) * 0.01
     save_file(weights, tmp / "adapter_model.safetensors", metadata={"format": "pt"})
     LoraConfig(r=LORA_RANK, lora_alpha=2 * LORA_RANK, target_modules=TARGET_MODULES,
                task_type="CAUSAL_LM").save_pretrained(tmp)
@@ -271,7 +272,7 @@ def main() -> None:
                          files_size(merged, "*.safetensors"), disk)
     print(report_line("merge", merge))
     rate = nf4_rate(config)
-    quantized = sum(layer.weight.numel() for layer in linear_layers(meta_model(config)).values())
+    quantized = sum(layer.weight.numel() for layer in quantized_layers(meta_model(config)).values())
     print(f"limit    NF4 quantize + dequantize (bitsandbytes, {torch.get_num_threads()} threads): {rate / 1e6:.0f} M "
           f"params/s, so {quantized / rate:.0f} s of the merge is that compute for {quantized / 1e9:.2f} B quantized "
           f"parameters")

@@ -50,9 +50,9 @@ _INTEGRATION = Path(__file__).resolve().parent / "integration"
 # The integration files that take longest, in this order, run first, so that `make test`'s two workers finish
 # together (with --no-loadscope-reorder, pytest-xdist's --dist loadfile hands a worker the next file in this
 # order whenever it is nearly free, and runs each file on one worker). test_repro.py builds the shared reproduced
-# pipeline while test_faults.py and test_retrain.py, which make their own, run beside it.
-_LONGEST_FIRST = ("test_repro.py", "test_faults.py", "test_retrain.py", "test_serve.py", "test_repro_data.py",
-                  "test_train_scale.py", "test_sharing.py", "test_benchmarks.py")
+# pipeline while test_families.py, which needs none, runs beside it.
+_LONGEST_FIRST = ("test_repro.py", "test_families.py", "test_faults.py", "test_retrain.py", "test_serve.py",
+                  "test_repro_data.py", "test_train_scale.py", "test_sharing.py", "test_benchmarks.py")
 _REPORTS: list[str] = []
 
 
@@ -433,14 +433,11 @@ def trained_adapter(tmp_path_factory, tiny_model_dir, tiny_params, tiny_dataset_
     return adapter_dir, metrics, live_dir
 
 
-@pytest.fixture(scope="session")
-def perturbed_adapter(tmp_path_factory, trained_adapter) -> Path:
-    """The trained adapter with LoRA B set to sizeable random values, so the merge delta matters."""
+def perturb_lora_b(adapter_dir: Path) -> None:
+    """Set the adapter's LoRA B to sizeable random values, so that the merge delta matters."""
     import torch
     from safetensors.torch import load_file, save_file
 
-    adapter_dir = tmp_path_factory.mktemp("adapter") / "adapter"
-    shutil.copytree(trained_adapter[0], adapter_dir)
     weights = load_file(adapter_dir / "adapter_model.safetensors")
     generator = torch.Generator().manual_seed(1)
     changed = 0
@@ -450,4 +447,12 @@ def perturbed_adapter(tmp_path_factory, trained_adapter) -> Path:
             changed += 1
     assert changed > 0
     save_file(weights, adapter_dir / "adapter_model.safetensors", metadata={"format": "pt"})
+
+
+@pytest.fixture(scope="session")
+def perturbed_adapter(tmp_path_factory, trained_adapter) -> Path:
+    """The trained adapter with LoRA B set to sizeable random values, so the merge delta matters."""
+    adapter_dir = tmp_path_factory.mktemp("adapter") / "adapter"
+    shutil.copytree(trained_adapter[0], adapter_dir)
+    perturb_lora_b(adapter_dir)
     return adapter_dir

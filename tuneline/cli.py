@@ -54,10 +54,11 @@ def _check_model_fit(train: TrainParams, dataset: DatasetParams, model_dir: Path
                 "(or run `dvc repro convert` and check again)")
     from transformers import AutoConfig
 
-    from tuneline.modeling import available_memory, meta_model
+    from tuneline.modeling import available_memory, check_family, meta_model
     from tuneline.training import check_target_modules, check_training_memory
 
     shapes = meta_model(AutoConfig.from_pretrained(model_dir))
+    check_family(shapes)
     check_target_modules(shapes, train.target_modules)
     needed = check_training_memory(shapes, train, dataset.max_length, "dataset.max_length")
     return (f"{model_dir}: target modules present; training needs about {needed / 2**30:.1f} GiB at batch "

@@ -23,7 +23,7 @@ from transformers import AutoConfig, AutoTokenizer, LlamaConfig, PretrainedConfi
 from tuneline.artifacts import check_free_space, sha256_file, write_json
 from tuneline.errors import TunelineError
 from tuneline.lineage import BASE_SOURCE_FILE, FETCH_MANIFEST, file_hashes, source_revision
-from tuneline.modeling import DTYPES, meta_model, weight_bytes
+from tuneline.modeling import DTYPES, check_family, meta_model, quantized_layers, weight_bytes
 from tuneline.tensor_io import (
     LazyTensor, loaded_in_order, read_bytes, read_safetensors, read_torch_file, write_safetensors,
 )
@@ -71,6 +71,7 @@ def convert(
             f"convert: {src_dir} holds no *.gguf, Hugging Face checkpoint (config.json) or "
             f"consolidated.*.pth; found: {found}"
         )
+    _check_supported(config, tensors, src_dir)
     config.dtype = dtype
     check_free_space(out_dir, weight_bytes(config, dtype) * (2 if write_pth else 1))
     config.save_pretrained(out_dir)
@@ -84,6 +85,21 @@ def convert(
         torch.save({name: tensor.load().to(DTYPES[dtype]) for name, tensor in tensors.items()}, out_dir / PTH_FILE)
     write_json(out_dir / BASE_SOURCE_FILE, _base_source(src_dir, source_format, dtype))
     return source_format
+
+
+def _check_supported(config: PretrainedConfig, tensors: dict[str, LazyTensor], src_dir: Path) -> None:
+    """Refuse here, before any training, a family the pipeline cannot fine-tune and merge: transformers cannot
+    build it, 4-bit loading quantizes none of its layers, or its checkpoint names the quantized weights otherwise
+    than its modules (transformers renames them on load; the merge rebuilds the quantization by name)."""
+    model = meta_model(config)
+    check_family(model)
+    stored_otherwise = sorted(f"{name}.weight" for name in quantized_layers(model) if f"{name}.weight" not in tensors)
+    if stored_otherwise:
+        raise TunelineError(
+            f"convert: {src_dir}: model family '{config.model_type}': the checkpoint holds no tensor "
+            f"{', '.join(stored_otherwise[:2])} (it names its weights otherwise; transformers renames them on load); "
+            "load it with transformers and save_pretrained, then fetch that folder"
+        )
 
 
 def _verify_fetched(src_dir: Path) -> None:

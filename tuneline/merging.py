@@ -28,8 +28,8 @@ from tuneline.lineage import (
     ADAPTER_LINEAGE_FILE, LINEAGE_FILE, METADATA_KEY, code_version, file_hashes, tree_sha256, utc_now,
 )
 from tuneline.modeling import (
-    DTYPES, QuantSpec, device, linear_layers, load_full_model, load_quantized_model, load_tokenizer,
-    meta_model, pad_batch, read_split, weight_bytes,
+    DTYPES, QuantSpec, device, is_transposed, load_full_model, load_quantized_model, load_tokenizer,
+    meta_model, quantized_layers, pad_batch, read_split, weight_bytes,
 )
 from tuneline.params import MergeParams
 from tuneline.tensor_io import LazyTensor, loaded_in_order, read_checkpoint, read_safetensors, write_safetensors
@@ -65,19 +65,24 @@ def dequantized_nf4(weight: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
 
 
 def _merged_tensors(
-    base: dict[str, LazyTensor], quantized: set[str], factors: dict, spec: QuantSpec
+    base: dict[str, LazyTensor], quantized: dict[str, bool], factors: dict, spec: QuantSpec
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield every weight of the merged model in fp32, in the base checkpoint's order, one at a time.
 
-    Quantized weights without an adapter are dequantized too: the trained model computed with those
-    dequantized weights, not with the originals. The rest were loaded in the compute dtype, and stay so.
+    `quantized`: the weights 4-bit loading quantizes, each with whether it is stored transposed (Conv1D: 4-bit
+    loading quantizes its transpose, and LoRA's B @ A has that shape too). Quantized weights without an adapter
+    are dequantized too: the trained model computed with those dequantized weights, not with the originals. The
+    rest were loaded in the compute dtype, and stay so.
     """
     for name, tensor in loaded_in_order(base):
         if name in quantized:
-            weight = dequantized_nf4(tensor, spec)
+            transposed = quantized[name]
+            weight = dequantized_nf4(tensor.T if transposed else tensor, spec)
             if name in factors:
                 lora_a, lora_b, scale = factors[name]
                 weight += (lora_b.to(weight.device) @ lora_a.to(weight.device)) * scale
+            if transposed:
+                weight = weight.T.contiguous()
         else:
             weight = tensor.to(device(), DTYPES[spec.compute_dtype]).to(torch.float32)
         yield name, weight.cpu()
@@ -92,9 +97,10 @@ def write_merged_model(
     base = read_checkpoint(base_dir)
     if config.tie_word_embeddings:
         base.pop("lm_head.weight", None)  # tied to the embeddings; safetensors stores each tensor once
-    quantized = {f"{name}.weight" for name in linear_layers(meta_model(config))}
+    layers = quantized_layers(meta_model(config))
+    quantized = {f"{name}.weight": is_transposed(layer) for name, layer in layers.items()}
     factors = _lora_factors(adapter_dir)
-    unmatched = sorted(set(factors) - quantized)
+    unmatched = sorted(set(factors) - set(quantized))
     if unmatched:
         raise TunelineError(f"{adapter_dir}: adapter weights for {', '.join(unmatched[:3])} match no quantized "
                             f"linear layer of {base_dir}; was it trained on this base?")

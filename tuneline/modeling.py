@@ -12,6 +12,9 @@ from pathlib import Path
 import pandas as pd
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, PreTrainedTokenizerBase
+from transformers.pytorch_utils import Conv1D
+from transformers.quantizers.base import HfQuantizer
+from transformers.quantizers.quantizers_utils import should_convert_module
 
 from tuneline.errors import TunelineError
 
@@ -95,17 +98,52 @@ def load_quantized_model(model_dir: Path, spec: QuantSpec) -> torch.nn.Module:
 
 
 def meta_model(config) -> torch.nn.Module:
-    """The model's modules and parameter shapes, on the meta device: no memory, no disk read."""
-    with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config)
+    """The model's modules and parameter shapes, on the meta device: no memory, no disk read. A config that
+    transformers cannot build as a causal LM (another kind of model, or a family it cannot instantiate) is one
+    line naming the family."""
+    try:
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(config)
+    except Exception as error:  # whatever the family's own code raises: the user gets its first line
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise TunelineError(
+            f"model family '{config.model_type}': transformers cannot build it as a causal language model "
+            f"({reason}); tuneline fine-tunes the families AutoModelForCausalLM builds"
+        ) from error
 
 
-def linear_layers(model: torch.nn.Module) -> dict[str, torch.nn.Linear]:
-    """The linear layers, by full module name, that 4-bit loading quantizes and LoRA may target: every one but
-    the output head (transformers keeps it in the compute dtype)."""
-    head = model.get_output_embeddings()
+def check_family(model: torch.nn.Module) -> None:
+    """Refuse, in one line naming the family, a model QLoRA cannot fine-tune: one without a layer 4-bit loading
+    quantizes (Falcon's layers subclass Linear, which transformers' bitsandbytes integration leaves alone)."""
+    if not quantized_layers(model):
+        raise TunelineError(
+            f"model family '{model.config.model_type}' ({type(model).__name__}): no layer that 4-bit loading "
+            "quantizes (exactly torch.nn.Linear, or Conv1D), so QLoRA has nothing to train; tuneline cannot "
+            "fine-tune this family"
+        )
+
+
+def quantized_layers(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
+    """The layers 4-bit loading quantizes, by full module name: the ones LoRA may target and merge adds to.
+
+    transformers' own rule (integrations.bitsandbytes.replace_with_bnb_linear): every layer of exactly
+    torch.nn.Linear or of Conv1D (GPT-2's transposed linear), but for the modules its quantizer keeps in the
+    compute dtype (the output head, tied weights, the last module, the model's _keep_in_fp32_modules).
+    """
+    kept = HfQuantizer.get_modules_to_not_convert(model, None, model._keep_in_fp32_modules)
     return {name: module for name, module in model.named_modules()
-            if isinstance(module, torch.nn.Linear) and module is not head}
+            if (type(module) is torch.nn.Linear or isinstance(module, Conv1D)) and should_convert_module(name, kept)}
+
+
+def is_transposed(layer: torch.nn.Module) -> bool:
+    """Conv1D stores its weight as (in, out), the transpose of Linear's; 4-bit loading quantizes the transpose."""
+    return isinstance(layer, Conv1D)
+
+
+def layer_features(layer: torch.nn.Module) -> tuple[int, int]:
+    """(in_features, out_features) of a quantized layer, Linear or Conv1D."""
+    rows, columns = layer.weight.shape
+    return (rows, columns) if is_transposed(layer) else (columns, rows)
 
 
 def weight_bytes(config, dtype: str) -> int:

@@ -30,7 +30,8 @@ from tuneline.artifacts import write_json
 from tuneline.errors import TunelineError
 from tuneline.lineage import ADAPTER_LINEAGE_FILE, BASE_SOURCE_FILE, LINEAGE_FILE, tree_sha256
 from tuneline.modeling import (
-    DTYPES, QuantSpec, available_memory, linear_layers, load_quantized_model, load_tokenizer, meta_model, read_split,
+    DTYPES, QuantSpec, available_memory, check_family, layer_features, load_quantized_model, load_tokenizer,
+    meta_model, quantized_layers, read_split,
 )
 from tuneline.params import TrainParams
 
@@ -65,17 +66,27 @@ def _packed_sdpa_attention(
 ) -> tuple[torch.Tensor, None]:
     """transformers' sdpa, example by example on a packed row (TRL's padding-free batches carry the examples'
     bounds as cu_seq_lens_q). With the block-diagonal mask, sdpa would also compute every example's attention to
-    all the others of its batch, only to mask it out. Any other batch goes to sdpa as it is."""
+    all the others of its batch, only to mask it out. A layer with sliding-window attention (Mistral, Gemma's
+    local layers) sees, as at inference, only the last `sliding_window` tokens. Any other batch goes to sdpa as
+    it is."""
     if cu_seq_lens_q is None or query.shape[0] != 1:
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     kwargs.pop("is_causal", None)
+    window = kwargs.get("sliding_window")
     bounds = cu_seq_lens_q.tolist()
-    outputs = [
-        sdpa_attention_forward(module, query[:, :, start:end], key[:, :, start:end], value[:, :, start:end], None,
-                               is_causal=True, **kwargs)[0]
-        for start, end in zip(bounds, bounds[1:])
-    ]
+    outputs = []
+    for start, end in zip(bounds, bounds[1:]):
+        mask = _sliding_causal_mask(end - start, window, query.device) if window and end - start > window else None
+        outputs.append(sdpa_attention_forward(module, query[:, :, start:end], key[:, :, start:end],
+                                              value[:, :, start:end], mask, is_causal=mask is None, **kwargs)[0])
     return torch.cat(outputs, dim=1), None
+
+
+def _sliding_causal_mask(length: int, window: int, device: torch.device) -> torch.Tensor:
+    """True where a query may attend: itself and the window - 1 tokens before it (transformers' rule)."""
+    query = torch.arange(length, device=device)[:, None]
+    key = torch.arange(length, device=device)[None, :]
+    return (key <= query) & (query - key < window)
 
 
 # Its mask is sdpa's: built from the restarting position ids (block-diagonal) but unused on a packed row.
@@ -84,10 +95,10 @@ AttentionMaskInterface.register(_PACKED_SDPA, sdpa_mask)
 
 
 def check_target_modules(model: torch.nn.Module, target_modules: list[str] | str) -> None:
-    """Fail early, naming the module, when a LoRA target matches no linear layer of the model."""
+    """Fail early, naming the module, when a LoRA target matches no layer that 4-bit loading quantizes."""
     if target_modules == "all-linear":
         return
-    linear_names = {name.rsplit(".", 1)[-1] for name in linear_layers(model)}
+    linear_names = {name.rsplit(".", 1)[-1] for name in quantized_layers(model)}
     for target in target_modules:
         if target not in linear_names:
             raise TunelineError(
@@ -117,12 +128,12 @@ def _training_memory_bytes(model: torch.nn.Module, params: TrainParams, seq_len:
     """
     config = model.config
     compute_bytes = DTYPES[params.compute_dtype].itemsize
-    linears = linear_layers(model)
+    linears = quantized_layers(model)
     targeted = [module for name, module in linears.items()
                 if params.target_modules == "all-linear" or name.rsplit(".", 1)[-1] in params.target_modules]
     linear_params = sum(module.weight.numel() for module in linears.values())
     other_params = sum(param.numel() for param in model.parameters()) - linear_params
-    lora_params = sum(params.lora_r * (module.in_features + module.out_features) for module in targeted)
+    lora_params = sum(params.lora_r * sum(layer_features(module)) for module in targeted)
     tokens = params.batch_size * seq_len
     hidden, layers = config.hidden_size, config.num_hidden_layers
     layer_activations = tokens * _ACTIVATION_BYTES_PER_HIDDEN * hidden * compute_bytes / 2
@@ -253,7 +264,7 @@ def _distributed_args() -> dict:
     return {**backend, "ddp_find_unused_parameters": False}
 
 
-def _training_config(params: TrainParams, run_dir: Path) -> SFTConfig:
+def _training_config(params: TrainParams, run_dir: Path, padding_free: bool) -> SFTConfig:
     return SFTConfig(
         output_dir=str(run_dir),
         seed=params.seed,
@@ -267,7 +278,7 @@ def _training_config(params: TrainParams, run_dir: Path) -> SFTConfig:
         max_steps=params.max_steps if params.max_steps > 0 else -1,
         num_train_epochs=params.num_epochs,
         max_length=None,  # the dataset stage already fit every example to dataset.max_length
-        padding_free=params.padding_free,
+        padding_free=padding_free,
         gradient_checkpointing=params.gradient_checkpointing,
         # Non-reentrant checkpointing lets gradients reach the adapters behind the frozen 4-bit layers.
         gradient_checkpointing_kwargs={"use_reentrant": False},
@@ -283,24 +294,31 @@ def _training_config(params: TrainParams, run_dir: Path) -> SFTConfig:
     )
 
 
-def use_packed_attention(model: torch.nn.Module) -> None:
-    """Switch the model's attention to _packed_sdpa_attention, or name the key when its code cannot switch (it does
-    not go through transformers' attention interface), where packed examples would attend to each other."""
-    model.set_attn_implementation(_PACKED_SDPA)
+def use_packed_attention(model: torch.nn.Module) -> str | None:
+    """Switch the model's attention to _packed_sdpa_attention, so that packed examples attend only to themselves.
+    Returns why not, leaving the model as it was, when the family's attention cannot switch: its code does not go
+    through transformers' attention interface, or transformers refuses sdpa for it (Gemma2's logit soft-capping)."""
+    try:
+        model.set_attn_implementation(_PACKED_SDPA)
+    except ValueError as error:
+        return str(error).strip().splitlines()[0]
     if model.config._attn_implementation != _PACKED_SDPA:
-        raise TunelineError(
-            f"params.yaml: train.padding_free: {type(model).__name__} cannot take packed rows (its attention does not "
-            "use transformers' attention interface); set train.padding_free: false"
-        )
+        return "its attention does not use transformers' attention interface"
+    return None
 
 
 def build_trainer(
     *, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, split: Dataset, params: TrainParams,
     run_dir: Path, callbacks: list[TrainerCallback],
 ) -> SFTTrainer:
-    """TRL's SFTTrainer with LoRA adapters from the params on `model`, training on `split` as it is."""
-    if params.padding_free:
-        use_packed_attention(model)
+    """TRL's SFTTrainer with LoRA adapters from the params on `model`, training on `split` as it is: packed rows
+    with `train.padding_free` where the family's attention can take them, else padded batches (said in one line)."""
+    padding_free = params.padding_free
+    if padding_free and (reason := use_packed_attention(model)):
+        if is_main_process():
+            print(f"train: {type(model).__name__} cannot take packed rows ({reason}); training on padded batches "
+                  "(train.padding_free is ignored for this model)", flush=True)
+        padding_free = False
     lora_config = LoraConfig(
         r=params.lora_r,
         lora_alpha=params.lora_alpha,
@@ -311,7 +329,7 @@ def build_trainer(
     )
     trainer = SFTTrainer(
         model=model,
-        args=_training_config(params, run_dir),
+        args=_training_config(params, run_dir, padding_free),
         train_dataset=split,
         processing_class=tokenizer,
         peft_config=lora_config,
@@ -381,6 +399,7 @@ def train(
     check_launcher(params)
     split = read_split(dataset_dir / "train.parquet")[["input_ids", "labels"]]  # labels hold the loss mask
     shapes = meta_model(AutoConfig.from_pretrained(base_dir))
+    check_family(shapes)
     check_target_modules(shapes, params.target_modules)
     check_training_memory(shapes, params, int(split["input_ids"].map(len).max()), "the longest in train.parquet")
     set_seed(params.seed)
@@ -411,18 +430,35 @@ def train(
     if adapter_dir is not None:
         _save_adapter(trainer=trainer, adapter_dir=adapter_dir, spec=spec, base_dir=base_dir,
                       dataset_dir=dataset_dir, params=params, final_loss=losses[-1])
+    resumed_from = int(checkpoint.name.rsplit("-", 1)[1]) if checkpoint else 0
     return {
-        "train_loss": round(result.training_loss, 4),
+        **_train_loss(trainer.state.log_history, result.training_loss, resumed_from, trainer.state.global_step),
         "first_loss": round(losses[0], 4),
         "final_loss": round(losses[-1], 4),
         "steps": trainer.state.global_step,
-        "resumed_from_step": int(checkpoint.name.rsplit("-", 1)[1]) if checkpoint else 0,
+        "resumed_from_step": resumed_from,
         "seconds": round(seconds, 1),
         "seconds_per_step": round(seconds / max(trainer.state.global_step, 1), 2),
         "trainable_parameters": sum(p.numel() for p in trainer.model.parameters() if p.requires_grad),
+        "batches": "packed" if trainer.args.padding_free else "padded",
         "device": str(model.device),
         "world_size": world_size,
     }
+
+
+def _train_loss(log_history: list[dict], trainer_loss: float, resumed_from: int, steps: int) -> dict:
+    """The mean training loss over every step of the run. The trainer's own figure covers only the steps since a
+    resume; the logged losses (restored with the checkpoint) each cover the steps since the previous log, so
+    when they reach the last step they give every step's. When they do not, the trainer's figure is labelled."""
+    if not resumed_from:
+        return {"train_loss": round(trainer_loss, 4)}
+    total, previous = 0.0, 0
+    for entry in (entry for entry in log_history if "loss" in entry):
+        total += entry["loss"] * (entry["step"] - previous)
+        previous = entry["step"]
+    if previous == steps:
+        return {"train_loss": round(total / steps, 4)}
+    return {"train_loss": round(trainer_loss, 4), "train_loss_covers": f"steps {resumed_from + 1}-{steps}"}
 
 
 def _read_optional_json(path: Path) -> dict | None:

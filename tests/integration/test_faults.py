@@ -3,8 +3,8 @@ checked the way a user would find it: every out absent or complete and valid, `d
 truth, the next `dvc repro` completing. And train, killed mid-run, resumes from its last complete checkpoint
 to the very adapter an uninterrupted run makes.
 
-The repo here is this module's own tiny pipeline, with shards small enough that convert and merge write
-several, and a checkpoint every 2 training steps.
+The repo here is this module's copy of the reproduced tiny pipeline, reproduced again with shards small enough
+that convert and merge write several, and a checkpoint every 2 training steps.
 """
 
 import json
@@ -16,8 +16,8 @@ import yaml
 from safetensors import safe_open
 
 from conftest import (
-    PROJECT, VENV_BIN, commit_all, describe, dvc, dvc_status, make_pipeline_repo, ran_stages, repro, run,
-    subprocess_env, write_params,
+    PROJECT, VENV_BIN, commit_all, copy_pipeline_repo, describe, dvc, dvc_status, ran_stages, read_params, repro,
+    run, subprocess_env, write_params,
 )
 from tuneline.lineage import file_hashes
 from tuneline.pipeline import stage_outs
@@ -41,15 +41,16 @@ KILL_POINTS = [
 
 
 @pytest.fixture(scope="module")
-def fault_repo(tmp_path_factory, tiny_params) -> Path:
-    params = json.loads(json.dumps(tiny_params))
+def fault_repo(tmp_path_factory, reproduced_template) -> Path:
+    repo = copy_pipeline_repo(reproduced_template, tmp_path_factory.mktemp("faults") / "repo")
+    params = read_params(repo)
     params["convert"]["max_shard_size"] = "100KB"
     params["merge"]["max_shard_size"] = "100KB"
     params["train"].update(max_steps=8, save_steps=2, keep_checkpoints=2)
-    repo = make_pipeline_repo(tmp_path_factory.mktemp("faults") / "repo", params)
+    write_params(repo, params)
     (repo / ".gitignore").write_text("__pycache__/\n*.pyc\n*.tmp-*\n/checkpoints/\n")
-    repro(repo)
-    commit_all(repo, "reproduced")
+    repro(repo)  # convert onwards
+    commit_all(repo, "reproduced with small shards and a checkpoint every 2 steps")
     return repo
 
 
@@ -183,6 +184,9 @@ def test_killed_train_resumes_from_its_last_checkpoint_to_the_same_adapter(fault
 
     uninterrupted = repro(fault_repo, "--force", "--single-item", "train")
     assert "resuming" not in uninterrupted.log
+    # train_loss is every step's mean, also after the resume (the trainer's own covers the resumed steps only)
+    uninterrupted_loss = json.loads((fault_repo / "metrics" / "train.json").read_text())["train_loss"]
+    assert metrics["train_loss"] == pytest.approx(uninterrupted_loss, abs=2e-4)
     assert adapter_files(fault_repo) == resumed_adapter  # bitwise: adapter, config, lineage
     assert loss_curve(fault_repo) == resumed_curve  # the same curve, the steps before the kill included
     assert len(resumed_curve.splitlines()) == 1 + 8

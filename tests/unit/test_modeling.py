@@ -8,8 +8,8 @@ from transformers import AutoConfig
 
 from tuneline.errors import TunelineError
 from tuneline.modeling import (
-    QuantSpec, end_token_ids, linear_layers, load_full_model, load_quantized_model, load_tokenizer, meta_model,
-    pad_batch, read_split, weight_bytes,
+    QuantSpec, end_token_ids, is_transposed, layer_features, load_full_model, load_quantized_model, load_tokenizer,
+    meta_model, pad_batch, quantized_layers, read_split, weight_bytes,
 )
 
 
@@ -21,21 +21,39 @@ def test_quant_spec_round_trips_through_the_adapter_dir(tmp_path: Path) -> None:
     assert config.load_in_4bit and config.bnb_4bit_quant_type == "nf4" and config.bnb_4bit_use_double_quant
 
 
-def test_linear_layers_are_every_linear_but_the_output_head(tiny_model_dir: Path) -> None:
+def test_quantized_layers_are_every_linear_but_the_output_head(tiny_model_dir: Path) -> None:
     config = AutoConfig.from_pretrained(tiny_model_dir)
-    layers = linear_layers(meta_model(config))
+    layers = quantized_layers(meta_model(config))
     per_block = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
     assert {name.rsplit(".", 1)[1] for name in layers} == per_block
     assert len(layers) == len(per_block) * config.num_hidden_layers
     assert "lm_head" not in layers
 
 
-def test_the_4bit_model_quantizes_exactly_the_linear_layers(tiny_model_dir: Path) -> None:
+def quantized_by_4bit_loading(model_dir: Path) -> set[str]:
     import bitsandbytes as bnb
 
-    model = load_quantized_model(tiny_model_dir, QuantSpec("nf4", True, "float32"))
-    quantized = {name for name, module in model.named_modules() if isinstance(module, bnb.nn.Linear4bit)}
-    assert quantized == set(linear_layers(load_full_model(tiny_model_dir)))
+    model = load_quantized_model(model_dir, QuantSpec("nf4", True, "float32"))
+    return {name for name, module in model.named_modules() if isinstance(module, bnb.nn.Linear4bit)}
+
+
+def test_the_4bit_model_quantizes_exactly_the_quantized_layers(tiny_model_dir: Path) -> None:
+    assert quantized_by_4bit_loading(tiny_model_dir) == set(quantized_layers(load_full_model(tiny_model_dir)))
+
+
+def test_gpt2_conv1d_layers_are_quantized_layers_in_their_transposed_shape(tmp_path: Path) -> None:
+    """GPT-2 computes with Conv1D, whose weight is (in, out): 4-bit loading quantizes it all the same, so LoRA
+    may target it, and its features are read the right way round."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    GPT2LMHeadModel(GPT2Config(vocab_size=64, n_embd=32, n_layer=1, n_head=2, n_positions=64)).save_pretrained(tmp_path)
+    layers = quantized_layers(meta_model(AutoConfig.from_pretrained(tmp_path)))
+    assert set(layers) == quantized_by_4bit_loading(tmp_path) == {
+        "transformer.h.0.attn.c_attn", "transformer.h.0.attn.c_proj", "transformer.h.0.mlp.c_fc",
+        "transformer.h.0.mlp.c_proj"}
+    features = [layer_features(layers[f"transformer.h.0.{name}"]) for name in ("attn.c_attn", "mlp.c_fc", "mlp.c_proj")]
+    assert features == [(32, 96), (32, 128), (128, 32)]
+    assert is_transposed(layers["transformer.h.0.attn.c_attn"])
 
 
 def test_weight_bytes_counts_every_parameter_in_the_dtype(tiny_model_dir: Path) -> None:

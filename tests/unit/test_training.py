@@ -195,19 +195,35 @@ def test_a_packed_batch_trains_like_its_examples_one_by_one(tiny_trainer, tiny_d
     assert (logits_of(tiny_trainer.model, crossing)[0] - alone_logits).abs().max() > 1e-2
 
 
-def test_a_model_whose_attention_cannot_take_packed_rows_is_named(tiny_params):
-    """A model whose attention does not go through transformers' interface keeps its own: packed examples would
-    attend to each other, so the stage stops and names the key."""
+def test_a_model_whose_attention_cannot_take_packed_rows_trains_padded_and_says_so(tiny_model_dir, tiny_dataset_dir,
+                                                                                  tiny_params, tmp_path, capsys):
+    """A model whose attention does not go through transformers' interface keeps its own, and one transformers
+    refuses sdpa for cannot switch: packed examples would attend to each other, so train says so in one line and
+    trains on padded batches."""
     from types import SimpleNamespace
 
-    from tuneline.training import use_packed_attention
-    from tuneline.errors import TunelineError
+    from datasets import Dataset
+
+    from tuneline.modeling import QuantSpec, load_quantized_model, load_tokenizer
+    from tuneline.training import build_trainer, use_packed_attention
 
     model = SimpleNamespace(config=SimpleNamespace(_attn_implementation="eager"),
                             set_attn_implementation=lambda name: None)
-    with pytest.raises(TunelineError, match=r"^params.yaml: train.padding_free: SimpleNamespace cannot take packed "
-                                            r"rows .*; set train.padding_free: false$"):
-        use_packed_attention(model)
+    assert use_packed_attention(model) == "its attention does not use transformers' attention interface"
+
+    def refuse(name):
+        raise ValueError("LlamaForCausalLM does not support an attention implementation through sdpa.\nMore")
+
+    spec = QuantSpec("nf4", True, "float32")
+    model = load_quantized_model(tiny_model_dir, spec)
+    model.set_attn_implementation = refuse
+    empty = Dataset.from_dict({"input_ids": [[1, 2]], "labels": [[-100, 2]]})
+    trainer = build_trainer(model=model, tokenizer=load_tokenizer(tiny_dataset_dir / "tokenizer"), split=empty,
+                            params=TrainParams(**tiny_params["train"]), run_dir=tmp_path, callbacks=[])
+    assert trainer.args.padding_free is False
+    assert capsys.readouterr().out == (
+        "train: LlamaForCausalLM cannot take packed rows (LlamaForCausalLM does not support an attention "
+        "implementation through sdpa.); training on padded batches (train.padding_free is ignored for this model)\n")
 
 
 # ------------------------------------------------------------------------------------------- the launcher
