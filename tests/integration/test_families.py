@@ -147,6 +147,8 @@ def test_every_stage_runs_and_the_merge_is_the_trained_model(family, tmp_path, t
     assert {key: value for key, value in info.items() if value} == {}, info  # no missing or unexpected keys
     assert kl == pytest.approx(merged["kl"], abs=1e-12) and top1 == 1.0
     assert result["eval"]["merged_matches_qlora"] is True
+    # docs/pipeline.md (Model families): every family packs but Gemma2, whose soft-capped attention has no sdpa
+    assert result["train"]["batches"] == ("padded" if family == "gemma2" else "packed")
     if result["train"]["batches"] == "packed":
         assert packed_row_error(result["dirs"], load_dataset_tokenizer(result["dirs"]["tokenizer"])) < 1e-4
     report(f"family {family}: fetch, convert, dataset, train ({result['train']['batches']}), merge, evaluate ran; "

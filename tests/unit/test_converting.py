@@ -149,6 +149,28 @@ class TestConvert:
             convert(src_dir=src, out_dir=tmp_path / "out", tokenizer_dir=tmp_path / "tokenizer", dtype="float32", max_shard_size=10**9, write_pth=False)
         assert str(src) in str(error.value) and "found: nothing" in str(error.value)
 
+    def test_a_checkpoint_naming_its_quantized_weights_otherwise_is_refused_before_training(self, tmp_path,
+                                                                                           tiny_model_dir):
+        """The merge rebuilds the quantization by tensor name: a checkpoint whose names transformers would map on
+        load (an older layout) is refused by convert, the first stage, naming the family and what to do."""
+        from safetensors.torch import save_file
+
+        from tuneline.converting import convert
+
+        src = tmp_path / "src"
+        shutil.copytree(tiny_model_dir, src)
+        weights = load_file(src / "model.safetensors")
+        weights["model.layers.0.self_attn.q.weight"] = weights.pop("model.layers.0.self_attn.q_proj.weight")
+        save_file(weights, src / "model.safetensors", metadata={"format": "pt"})
+        (src / "tuneline_manifest.json").unlink(missing_ok=True)
+        with pytest.raises(TunelineError) as error:
+            convert(src_dir=src, out_dir=tmp_path / "out", tokenizer_dir=tmp_path / "tokenizer", dtype="float32",
+                    max_shard_size=10**9, write_pth=False)
+        assert str(error.value) == (
+            f"convert: {src}: model family 'llama': the checkpoint holds no tensor "
+            "model.layers.0.self_attn.q_proj.weight (it names its weights otherwise; transformers renames them on "
+            "load); load it with transformers and save_pretrained, then fetch that folder")
+
     def test_config_without_weights_is_a_clear_error(self, tmp_path, tiny_model_dir):
         from tuneline.converting import convert
 

@@ -56,6 +56,16 @@ def test_gpt2_conv1d_layers_are_quantized_layers_in_their_transposed_shape(tmp_p
     assert is_transposed(layers["transformer.h.0.attn.c_attn"])
 
 
+def test_a_config_that_is_not_a_causal_lm_is_one_line_naming_its_family() -> None:
+    from transformers import ViTConfig
+
+    with pytest.raises(TunelineError) as error:
+        meta_model(ViTConfig(num_hidden_layers=1))  # an image classifier's config.json
+    message = str(error.value)
+    assert message.startswith("model family 'vit': transformers cannot build it as a causal language model (")
+    assert message.endswith("); tuneline fine-tunes the families AutoModelForCausalLM builds") and "\n" not in message
+
+
 def test_weight_bytes_counts_every_parameter_in_the_dtype(tiny_model_dir: Path) -> None:
     config = AutoConfig.from_pretrained(tiny_model_dir)
     parameters = sum(p.numel() for p in load_full_model(tiny_model_dir).parameters())
