@@ -71,7 +71,10 @@ def convert(
             f"convert: {src_dir} holds no *.gguf, Hugging Face checkpoint (config.json) or "
             f"consolidated.*.pth; found: {found}"
         )
-    _check_supported(config, tensors, src_dir)
+    architecture = _supported_architecture(config, tensors, src_dir)
+    # Serving engines and llama.cpp's converter read the class from config.json; transformers' GGUF loader leaves
+    # it out.
+    config.architectures = config.architectures or [architecture]
     config.dtype = dtype
     check_free_space(out_dir, weight_bytes(config, dtype) * (2 if write_pth else 1))
     config.save_pretrained(out_dir)
@@ -87,10 +90,11 @@ def convert(
     return source_format
 
 
-def _check_supported(config: PretrainedConfig, tensors: dict[str, LazyTensor], src_dir: Path) -> None:
-    """Refuse here, before any training, a family the pipeline cannot fine-tune and merge: transformers cannot
-    build it, 4-bit loading quantizes none of its layers, or its checkpoint names the quantized weights otherwise
-    than its modules (transformers renames them on load; the merge rebuilds the quantization by name)."""
+def _supported_architecture(config: PretrainedConfig, tensors: dict[str, LazyTensor], src_dir: Path) -> str:
+    """The causal-LM class transformers builds from `config`. Refuses here, before any training, a family the
+    pipeline cannot fine-tune and merge: transformers cannot build it, 4-bit loading quantizes none of its layers,
+    or its checkpoint names the quantized weights otherwise than its modules (transformers renames them on load;
+    the merge rebuilds the quantization by name)."""
     model = meta_model(config)
     check_family(model)
     stored_otherwise = sorted(f"{name}.weight" for name in quantized_layers(model) if f"{name}.weight" not in tensors)
@@ -100,6 +104,7 @@ def _check_supported(config: PretrainedConfig, tensors: dict[str, LazyTensor], s
             f"{', '.join(stored_otherwise[:2])} (it names its weights otherwise; transformers renames them on load); "
             "load it with transformers and save_pretrained, then fetch that folder"
         )
+    return type(model).__name__
 
 
 def _verify_fetched(src_dir: Path) -> None:

@@ -8,6 +8,7 @@ measured. The families with sliding-window attention get a window shorter than t
 that ignored it would train on other logits than inference computes.
 """
 
+import json
 import time
 from pathlib import Path
 
@@ -145,6 +146,9 @@ def test_every_stage_runs_and_the_merge_is_the_trained_model(family, tmp_path, t
     merged = result["merge"]
     assert merged["kl"] <= 1e-10 and merged["top1_agreement"] == 1.0, merged
     assert {key: value for key, value in info.items() if value} == {}, info  # no missing or unexpected keys
+    merged_config = json.loads((result["dirs"]["merged"] / "config.json").read_text())
+    assert merged_config["architectures"] == [type(AutoModelForCausalLM.from_config(
+        family_config(family, build_tiny_tokenizer()))).__name__]
     assert kl == pytest.approx(merged["kl"], abs=1e-12) and top1 == 1.0
     assert result["eval"]["merged_matches_qlora"] is True
     # docs/pipeline.md (Model families): every family packs but Gemma2, whose soft-capped attention has no sdpa

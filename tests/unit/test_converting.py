@@ -171,6 +171,20 @@ class TestConvert:
             "model.layers.0.self_attn.q_proj.weight (it names its weights otherwise; transformers renames them on "
             "load); load it with transformers and save_pretrained, then fetch that folder")
 
+    def test_the_converted_config_names_its_architecture(self, tmp_path, tiny_model_dir):
+        """transformers' GGUF loader gives a config without `architectures`, which serving engines and llama.cpp's
+        converter need: convert writes the class transformers builds."""
+        from tuneline.converting import convert
+
+        src = tmp_path / "src"
+        shutil.copytree(tiny_model_dir, src)
+        config = json.loads((src / "config.json").read_text())
+        del config["architectures"]
+        (src / "config.json").write_text(json.dumps(config))
+        convert(src_dir=src, out_dir=tmp_path / "out", tokenizer_dir=tmp_path / "tokenizer", dtype="float32",
+                max_shard_size=10**9, write_pth=False)
+        assert json.loads((tmp_path / "out" / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
+
     def test_config_without_weights_is_a_clear_error(self, tmp_path, tiny_model_dir):
         from tuneline.converting import convert
 
