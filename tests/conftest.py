@@ -231,6 +231,7 @@ def tiny_params(tiny_model_dir) -> dict:
     params["dataset"]["sources"].append({"path": TINY_SOURCE, "format": "alpaca"})
     params["train"].update(max_steps=4, batch_size=4, logging_steps=1)
     params["merge"]["num_prompts"] = 4
+    params["export"].update(num_prompts=4, max_new_tokens=8)
     params["evaluate"]["max_examples"] = 0  # every eval row: label (sklearn) and free_text (alpaca) kinds
     params["evaluate"]["generation"]["max_new_tokens"] = 8
     return params

@@ -13,6 +13,10 @@
                                  clone at REPO_DIR
     tuneline audit PATH|SHA256|GIT-REV [--json]
                                  which weights, data, params and code produced a model, and its metrics
+    tuneline chat [MODEL] [--prompt TEXT] [--params params.yaml]
+                                 talk to the merged model (or a .gguf file) with its chat template, the training
+                                 data's system prompt and evaluate.generation's decoding: one answer with --prompt,
+                                 else one per line of stdin, history kept (/reset clears it, /exit ends)
 """
 
 import argparse
@@ -22,9 +26,9 @@ from pathlib import Path
 
 from tuneline.errors import TunelineError
 from tuneline.params import (
-    PARAMS_FILE, SECTIONS, DatasetParams, TrainParams, load_section, read_params_file, validate_section,
+    PARAMS_FILE, SECTIONS, DatasetParams, ExportParams, TrainParams, load_section, read_params_file, validate_section,
 )
-from tuneline.pipeline import stage_paths
+from tuneline.pipeline import model_path, stage_paths
 
 CRON_HELP = 'a cron schedule, e.g. "0 3 * * 1" (Mondays 03:00)'
 
@@ -32,6 +36,7 @@ CRON_HELP = 'a cron schedule, e.g. "0 3 * * 1" (Mondays 03:00)'
 def check(params_file: Path, model_dir: Path, data_dir: Path | None = None) -> None:
     """The mistakes found before `dvc repro`; each stage runs its own share of the same checks again. The data
     files are looked for beside `params_file`, in the folder the dataset stage reads, unless `data_dir` says."""
+    from tuneline.exporting import check_types
     from tuneline.sources import check_source
 
     params = read_params_file(params_file)
@@ -42,23 +47,29 @@ def check(params_file: Path, model_dir: Path, data_dir: Path | None = None) -> N
         )
     sections = {name: validate_section(name, params.get(name), params_file) for name in SECTIONS}
     check_source(sections["fetch"].source)
+    check_types(sections["export"].types)
     _check_dataset_files(sections["dataset"], data_dir or params_file.parent / _stage_path("dataset", 0))
     print(f"{params_file}: ok ({', '.join(SECTIONS)})")
-    print(_check_model_fit(sections["train"], sections["dataset"], model_dir))
+    print(_check_model_fit(sections["train"], sections["dataset"], sections["export"], model_dir))
 
 
-def _check_model_fit(train: TrainParams, dataset: DatasetParams, model_dir: Path) -> str:
-    """LoRA targets present in the model's config, and training's memory estimate within what is free."""
+def _check_model_fit(train: TrainParams, dataset: DatasetParams, export: ExportParams, model_dir: Path) -> str:
+    """LoRA targets present in the model's config, training's memory estimate within what is free, and a GGUF
+    layout for the family when the export stage is to write one."""
     if not (model_dir / "config.json").is_file():
         return (f"{model_dir}: not converted yet; the train stage checks target modules and memory itself "
                 "(or run `dvc repro convert` and check again)")
     from transformers import AutoConfig
 
+    from tuneline.exporting import export_family
     from tuneline.modeling import available_memory, check_family, meta_model
     from tuneline.training import check_target_modules, check_training_memory
 
-    shapes = meta_model(AutoConfig.from_pretrained(model_dir))
+    config = AutoConfig.from_pretrained(model_dir)
+    shapes = meta_model(config)
     check_family(shapes)
+    if export.types:
+        export_family(config)
     check_target_modules(shapes, train.target_modules)
     needed = check_training_memory(shapes, train, dataset.max_length, "dataset.max_length")
     return (f"{model_dir}: target modules present; training needs about {needed / 2**30:.1f} GiB at batch "
@@ -114,6 +125,12 @@ def main(argv: list[str] | None = None) -> None:
     audit_parser.add_argument("target", help="a model directory or file, a sha256, or a git revision")
     audit_parser.add_argument("--json", action="store_true", help="the same facts as JSON")
     audit_parser.add_argument("--repo", type=Path, default=Path("."), help="the pipeline's repository (default: .)")
+    chat_parser = commands.add_parser("chat", help="talk to the merged model, as the evaluate stage prompts it")
+    chat_parser.add_argument("model", type=Path, nargs="?", default=None,
+                             help="a merged model directory or a .gguf file (default: dvc.yaml's tuneline-model)")
+    chat_parser.add_argument("--prompt", default=None, help="answer this one message, then exit (for scripts)")
+    chat_parser.add_argument("--params", type=Path, default=PARAMS_FILE,
+                             help="decoding from its evaluate.generation (default: params.yaml; missing: greedy)")
     args = parser.parse_args(argv)
     try:
         if args.command == "check":
@@ -142,6 +159,11 @@ def main(argv: list[str] | None = None) -> None:
 
             facts = audit(args.target, args.repo)
             print(json.dumps(facts, indent=2) if args.json else format_report(facts))
+        elif args.command == "chat":
+            from tuneline.chat import chat
+
+            chat(args.model or Path(model_path(Path("."))), args.prompt, args.params, sys.stdin, sys.stdout,
+                 sys.stderr)
     except TunelineError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(1)

@@ -24,7 +24,7 @@ FETCH_MANIFEST = "tuneline_manifest.json"  # in models/fetched: source and sha25
 LINEAGE_FILE = "lineage.json"  # in data/dataset and the merged model, and the run's record at the repo root
 BASE_SOURCE_FILE = "tuneline_source.json"  # in models/base: where the weights came from
 ADAPTER_LINEAGE_FILE = "tuneline_lineage.json"  # in models/adapter: base, data and train params
-METADATA_KEY = "tuneline.lineage"  # safetensors header key holding the lineage as JSON
+METADATA_KEY = "tuneline.lineage"  # safetensors header / GGUF metadata key holding the lineage as JSON
 REGISTRY_FILE = "registry.json"  # every promotion decision, written by the retrain flow
 
 
@@ -92,10 +92,24 @@ def read_registry(repo_dir: Path) -> dict:
     return read_json(path)
 
 
+def gguf_lineage(path: Path) -> dict | None:
+    """The lineage an exported GGUF file carries in its metadata, or None."""
+    from gguf import GGUFReader
+
+    try:
+        field = GGUFReader(path).fields.get(METADATA_KEY)
+    except (ValueError, OSError, IndexError):  # not a GGUF file after all
+        return None
+    return json.loads(field.contents()) if field is not None else None
+
+
 def embedded_lineage(path: Path) -> dict | None:
-    """The lineage a model carries: lineage.json in its directory, else a safetensors header's; or None."""
+    """The lineage a model carries: lineage.json in its directory, else a safetensors header's or a GGUF
+    file's metadata; or None."""
     if path.is_dir() and (path / LINEAGE_FILE).is_file():
         return read_json(path / LINEAGE_FILE)
+    if path.is_file() and path.suffix == ".gguf":
+        return gguf_lineage(path)
     weight_files = sorted(path.glob("*.safetensors")) if path.is_dir() else [path]
     for weights in weight_files:
         if weights.suffix != ".safetensors":

@@ -24,12 +24,13 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from tuneline.artifacts import check_free_space, parse_size, write_json
 from tuneline.errors import TunelineError
+from tuneline.fidelity import fidelity, held_out_batches, held_out_sequences
 from tuneline.lineage import (
     ADAPTER_LINEAGE_FILE, LINEAGE_FILE, METADATA_KEY, code_version, file_hashes, tree_sha256, utc_now,
 )
 from tuneline.modeling import (
     DTYPES, QuantSpec, device, is_transposed, load_full_model, load_quantized_model, load_tokenizer,
-    meta_model, quantized_layers, pad_batch, read_split, weight_bytes,
+    meta_model, quantized_layers, weight_bytes,
 )
 from tuneline.params import MergeParams
 from tuneline.tensor_io import LazyTensor, loaded_in_order, read_checkpoint, read_safetensors, write_safetensors
@@ -113,31 +114,6 @@ def write_merged_model(
                       max_shard_size, metadata, description="merge: writing")
 
 
-@torch.no_grad()
-def _fidelity(reference: torch.nn.Module, candidates: dict[str, torch.nn.Module], batches: list) -> dict[str, dict]:
-    """For each candidate: KL(reference || candidate) per token position, averaged, and top-1 agreement.
-
-    Computed in float64: the exact merge's KL is ~1e-8, below float32's rounding noise.
-    """
-    kl_sum = dict.fromkeys(candidates, 0.0)
-    agree = dict.fromkeys(candidates, 0)
-    positions = 0
-    for inputs in batches:
-        mask = inputs["attention_mask"].bool()
-        positions += int(mask.sum())
-        log_p = torch.log_softmax(reference(**inputs).logits.double(), -1)
-        for name, candidate in candidates.items():
-            log_q = torch.log_softmax(candidate(**inputs).logits.double(), -1)
-            kl_sum[name] += (log_p.exp() * (log_p - log_q)).sum(-1)[mask].sum().item()
-            agree[name] += (log_p.argmax(-1) == log_q.argmax(-1))[mask].sum().item()
-    return {name: {"kl": kl_sum[name] / positions, "top1": agree[name] / positions} for name in candidates}
-
-
-def _held_out_batches(tokenizer, sequences: list[list[int]], batch_size: int = 8) -> list:
-    pad_id = tokenizer.pad_token_id
-    return [pad_batch(sequences[i : i + batch_size], pad_id) for i in range(0, len(sequences), batch_size)]
-
-
 def merge(*, base_dir: Path, adapter_dir: Path, dataset_dir: Path, params: MergeParams, out_dir: Path) -> dict:
     """Write the dequantize-then-merge model to `out_dir` and return the fidelity metrics."""
     spec = QuantSpec.load(adapter_dir)
@@ -155,9 +131,9 @@ def merge(*, base_dir: Path, adapter_dir: Path, dataset_dir: Path, params: Merge
         "into_4bit": PeftModel.from_pretrained(load_quantized_model(base_dir, spec), adapter_dir).merge_and_unload(),
         "into_original": PeftModel.from_pretrained(load_full_model(base_dir), adapter_dir).merge_and_unload(),
     }
-    sequences = [list(ids) for ids in read_split(dataset_dir / "eval.parquet")["input_ids"][: params.num_prompts]]
-    batches = _held_out_batches(tokenizer, sequences)
-    figures = _fidelity(qlora_model, {name: model.eval() for name, model in candidates.items()}, batches)
+    sequences = held_out_sequences(dataset_dir, params.num_prompts)
+    batches = held_out_batches(tokenizer, sequences)
+    figures = fidelity(qlora_model, {name: model.eval() for name, model in candidates.items()}, batches)
     lineage["merge"]["fidelity"] = {"kl": figures["ours"]["kl"], "top1_agreement": figures["ours"]["top1"],
                                     "prompts": len(sequences)}
     lineage["files"] = file_hashes(out_dir)  # before lineage.json and README.md exist: the model's own files

@@ -149,6 +149,13 @@ class MergeParams(Section):
     num_prompts: int = Field(gt=0)  # held-out prompts for the fidelity figures (KL, top-1)
 
 
+class ExportParams(Section):
+    types: list[str]  # one GGUF file each: f32 f16 bf16 q8_0 q4_0 q4_1 q5_0 q5_1; with llama.cpp also q4_k_m etc.
+    max_kl: float | None = Field(default=None, gt=0)  # fail when a file's KL against the merged model exceeds it
+    num_prompts: int = Field(gt=0)  # held-out conversations: KL and top-1; their prompts: greedy answers
+    max_new_tokens: int = Field(gt=0)  # greedy answers compared with the merged model's
+
+
 class GenerationParams(Section):
     mode: Literal["greedy", "beam", "sample"]
     max_new_tokens: int = Field(gt=0)
@@ -188,6 +195,7 @@ SECTIONS: dict[str, type[Section]] = {
     "dataset": DatasetParams,
     "train": TrainParams,
     "merge": MergeParams,
+    "export": ExportParams,
     "evaluate": EvaluateParams,
     "promote": PromoteParams,
 }

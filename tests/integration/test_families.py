@@ -21,6 +21,8 @@ from conftest import build_tiny_tokenizer, perturb_lora_b, write_tiny_sources
 from tuneline.artifacts import parse_size
 from tuneline.converting import convert
 from tuneline.data import build_dataset, load_dataset_tokenizer, write_outputs
+from tuneline.errors import TunelineError
+from tuneline.exporting import export
 from tuneline.merging import merge
 from tuneline.modeling import QuantSpec, load_quantized_model, pad_batch, read_split
 from tuneline.params import MergeParams, TrainParams, validate_section
@@ -35,17 +37,35 @@ SMALL = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_att
 FAMILIES = {
     "llama": ("LlamaConfig", {}),
     "qwen2": ("Qwen2Config", {}),  # q/k/v biases
-    "qwen3": ("Qwen3Config", {"head_dim": 16}),
+    "qwen3": ("Qwen3Config", {"head_dim": 128}),  # as every Qwen3: transformers' GGUF reader assumes 128
     "mistral": ("MistralConfig", {"sliding_window": WINDOW}),
-    "gemma2": ("Gemma2Config", {"head_dim": 16, "sliding_window": WINDOW, "query_pre_attn_scalar": 16}),
+    # query_pre_attn_scalar: transformers' GGUF reader assumes 256 (Gemma-2 2B and 9B)
+    "gemma2": ("Gemma2Config", {"head_dim": 16, "sliding_window": WINDOW, "query_pre_attn_scalar": 256}),
     "gemma3": ("Gemma3TextConfig", {"head_dim": 16, "sliding_window": WINDOW, "tie_word_embeddings": True}),
     "phi3": ("Phi3Config", {"num_key_value_heads": 4}),  # fused qkv_proj and gate_up_proj
     "gpt_neox": ("GPTNeoXConfig", {"num_key_value_heads": None}),
-    "gpt2": ("GPT2Config", {"num_key_value_heads": None, "intermediate_size": None}),  # Conv1D, fan_in_fan_out
+    # Conv1D, fan_in_fan_out; 1024 positions, as every GPT-2 (transformers' GGUF reader assumes it)
+    "gpt2": ("GPT2Config", {"num_key_value_heads": None, "intermediate_size": None, "max_position_embeddings": 1024}),
     "opt": ("OPTConfig", {"num_key_value_heads": None, "intermediate_size": None, "ffn_dim": 128,
                           "word_embed_proj_dim": 64}),
     "qwen2_moe": ("Qwen2MoeConfig", {"moe_intermediate_size": 32, "shared_expert_intermediate_size": 64,
                                      "num_experts": 4, "num_experts_per_tok": 2}),
+}
+
+
+# Families the export refuses, or whose tiny config GGUF cannot carry (the float check names the key): the rest
+# export to GGUF and read back as the merged model.
+EXPORT_REFUSED = {
+    "gpt_neox": "model family 'gpt_neox': no GGUF export",
+    "opt": "model family 'opt': no GGUF export",
+    "qwen2_moe": "model family 'qwen2_moe': no GGUF export",
+    # Read back by transformers within rounding, but llama.cpp computed other logits (KL 0.08 and 0.13 with the
+    # 8-token sliding window): not exported until that is understood.
+    "gemma2": "model family 'gemma2': no GGUF export",
+    "gemma3": "model family 'gemma3_text': no GGUF export",
+    # llama.cpp runs Mistral as llama, without a sliding window: the float check names what the file lacks
+    "mistral": r"model-f32.gguf: does not compute what the merged model computes .*: sliding_window 8 \(read back "
+               r"as None\)$",
 }
 
 
@@ -155,9 +175,31 @@ def test_every_stage_runs_and_the_merge_is_the_trained_model(family, tmp_path, t
     assert result["train"]["batches"] == ("padded" if family == "gemma2" else "packed")
     if result["train"]["batches"] == "packed":
         assert packed_row_error(result["dirs"], load_dataset_tokenizer(result["dirs"]["tokenizer"])) < 1e-4
+    exported = export_and_read_back(family, result["dirs"]["merged"], result["dirs"]["dataset"], tmp_path / "export")
     report(f"family {family}: fetch, convert, dataset, train ({result['train']['batches']}), merge, evaluate ran; "
            f"merge KL {merged['kl']:.1e}, top-1 {merged['top1_agreement']:.2f}; into 4-bit KL "
-           f"{merged['kl_merge_into_4bit']:.1e}; reload ok ({time.perf_counter() - started:.0f} s)")
+           f"{merged['kl_merge_into_4bit']:.1e}; reload ok; export: {exported} ({time.perf_counter() - started:.0f} s)")
+
+
+def export_and_read_back(family: str, merged_dir: Path, dataset_dir: Path, out_dir: Path) -> str:
+    """Export f32 and q8_0 GGUF files and read them back; or check the family's one-line refusal."""
+    out_dir.mkdir()
+    params = validate_section("export", {"types": ["f32", "q8_0"], "num_prompts": 4, "max_new_tokens": 4})
+    if EXPORT_REFUSED.get(family):
+        with pytest.raises(TunelineError, match=EXPORT_REFUSED[family]) as error:
+            export(model_dir=merged_dir, dataset_dir=dataset_dir, params=params, out_dir=out_dir)
+        assert "\n" not in str(error.value)
+        return f"refused ({str(error.value)[:90]}...)"
+    files = export(model_dir=merged_dir, dataset_dir=dataset_dir, params=params, out_dir=out_dir)["files"]
+    assert files["f32"]["within_rounding"] and files["f32"]["greedy_equal"] == 1.0, files
+    assert files["f32"]["kl"] < 1e-9 and files["f32"]["top1_agreement"] == 1.0, files
+    assert files["q8_0"]["kl"] < 0.05, files
+    llama_cpp = files["f32"].get("llama_cpp")
+    if llama_cpp:  # the llama-cpp extra is installed: llama.cpp runs the file too
+        assert llama_cpp["top1_agreement"] >= 0.99 and llama_cpp["greedy_equal"] == 1.0, llama_cpp
+    by_llama_cpp = (f", llama.cpp f32 KL {llama_cpp['kl']:.1e} top-1 {llama_cpp['top1_agreement']:.2f}"
+                    if llama_cpp else "")
+    return f"f32 KL {files['f32']['kl']:.1e}, q8_0 KL {files['q8_0']['kl']:.1e}{by_llama_cpp}"
 
 
 def test_every_causal_lm_family_transformers_ships_is_buildable_or_refused_in_one_line(report):
@@ -167,7 +209,6 @@ def test_every_causal_lm_family_transformers_ships_is_buildable_or_refused_in_on
     from transformers import CONFIG_MAPPING
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-    from tuneline.errors import TunelineError
     from tuneline.modeling import check_family, meta_model
 
     supported, refused, no_default = [], {}, []

@@ -61,6 +61,28 @@ def test_full_repro_runs_every_stage(pipeline_repo, reproduced_pipeline):
     assert leftovers(pipeline_repo) == []
 
 
+def test_the_export_writes_checked_gguf_files_a_modelfile_and_an_auditable_copy(pipeline_repo, tmp_path):
+    export = json.loads((pipeline_repo / "metrics/export.json").read_text())
+    files = export["files"]
+    assert set(files) == {"f16", "q8_0"}  # params.yaml's export.types
+    assert files["f16"]["within_rounding"] and files["f16"]["greedy_equal"] == 1.0
+    assert files["q8_0"]["kl"] > files["f16"]["kl"]
+    if export["llama_cpp"]:  # CI installs the llama-cpp extra: the files ran in llama.cpp too
+        assert files["f16"]["llama_cpp"]["greedy_equal"] == 1.0
+    assert sorted(p.name for p in (pipeline_repo / "models/export").iterdir()) == [
+        "Modelfile", "model-f16.gguf", "model-q8_0.gguf"]
+    copy = tmp_path / "downloaded.gguf"
+    copy.write_bytes((pipeline_repo / "models/export/model-q8_0.gguf").read_bytes())
+    result = subprocess.run([str(VENV_BIN / "tuneline"), "audit", str(copy), "--json"], cwd=pipeline_repo,
+                            capture_output=True, text=True, env=subprocess_env())
+    assert result.returncode == 0, describe(result)
+    facts = json.loads(result.stdout)
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=pipeline_repo, capture_output=True, text=True).stdout
+    assert facts["found_in"] == facts["found_in"] | {"where": "commit", "commit": head.strip()}
+    assert facts["artifact"] == "models/export"
+    assert facts["dataset"]["inputs"]["data/sources/tiny.jsonl"] == sha256(pipeline_repo / "data/sources/tiny.jsonl")
+
+
 def test_second_repro_runs_nothing(clean_pipeline_repo):
     ran = repro(clean_pipeline_repo)
     assert ran == set(), ran.log
@@ -120,7 +142,7 @@ def test_dataset_param_change_reruns_dataset_and_downstream(clean_pipeline_repo)
     write_params(clean_pipeline_repo, params)
     assert set(dvc_status(clean_pipeline_repo)) == {"dataset"}
     ran = repro(clean_pipeline_repo)
-    assert ran == {"dataset", "train", "merge", "evaluate", "lineage"}, ran.log
+    assert ran == {"dataset", "train", "merge", "export", "evaluate", "lineage"}, ran.log
 
 
 def test_train_code_change_reruns_train_only(clean_pipeline_repo):

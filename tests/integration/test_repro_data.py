@@ -27,7 +27,7 @@ def test_touching_a_data_file_reruns_nothing_and_editing_it_reruns_dataset_and_s
     assert set(dvc_status(clean_pipeline_repo)) == {"dataset"}
     ran = repro(clean_pipeline_repo, "dataset")  # test_repro.py runs a whole dataset-onwards repro
     assert ran == {"dataset"}, ran.log
-    assert set(dvc_status(clean_pipeline_repo)) == {"train", "merge", "evaluate", "lineage"}
+    assert set(dvc_status(clean_pipeline_repo)) == {"train", "merge", "export", "evaluate", "lineage"}
     card = json.loads((clean_pipeline_repo / "data/dataset/dataset_card.json").read_text())
     assert card["sha256"]["inputs"][f"data/sources/{TINY_SOURCE}"] == sha256(data_file)
 

@@ -91,7 +91,7 @@ def test_flow_promotes_the_first_model_and_judges_the_second_on_the_new_eval_spl
     assert first["decision"]["decision"] == "promoted"
     assert first["decision"]["version"] == 1
     assert first["decision"]["reason"].startswith("no model promoted yet")
-    assert set(second["ran"]) == {"dataset", "train", "merge", "evaluate", "lineage"}
+    assert set(second["ran"]) == {"dataset", "train", "merge", "export", "evaluate", "lineage"}
     # new rows change the eval split, so the promoted model was scored again on it before comparing
     assert second["decision"]["eval_split_sha256"] != first["decision"]["eval_split_sha256"]
     assert "re-scored" in second["decision"]["reason"]

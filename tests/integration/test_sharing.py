@@ -16,7 +16,7 @@ def test_dvc_exp_run_with_another_lora_rank_is_listed_beside_the_baseline(clean_
     repo = clean_pipeline_repo
     result = dvc(repo, "exp", "run", "-S", "train.lora_r=4", "-S", "train.lora_alpha=8", "-n", "rank-4")
     assert result.returncode == 0, describe(result)
-    assert ran_stages(result) == {"train", "merge", "evaluate", "lineage"}, describe(result)
+    assert ran_stages(result) == {"train", "merge", "export", "evaluate", "lineage"}, describe(result)
     try:
         shown = dvc(repo, "exp", "show", "--csv", "--no-pager")
         assert shown.returncode == 0, describe(shown)

@@ -31,7 +31,7 @@ class TestParams:
         write_tiny_sources(tmp_path / "data" / "sources")
         check(tiny_file, tiny_model_dir)
         out = capsys.readouterr().out
-        assert out.count(": ok (fetch, convert, dataset, train, merge, evaluate, promote)") == 2
+        assert out.count(": ok (fetch, convert, dataset, train, merge, export, evaluate, promote)") == 2
         assert "not-converted: not converted yet; the train stage checks target modules and memory itself" in out
         assert f"{tiny_model_dir}: target modules present; training needs about 0.5 GiB at batch 4 x 256 tokens" in out
 

@@ -13,7 +13,7 @@ STAGE_FILE_MAX_LINES = 200
 
 
 def test_stage_names_and_paths_come_from_dvc_yaml() -> None:
-    assert stage_names(PROJECT) == ["fetch", "convert", "dataset", "train", "merge", "evaluate", "lineage"]
+    assert stage_names(PROJECT) == ["fetch", "convert", "dataset", "train", "merge", "export", "evaluate", "lineage"]
     assert stage_paths(PROJECT, "convert") == ["models/fetched", "models/base", "models/tokenizer"]
     assert stage_outs(PROJECT)["train"] == ["models/adapter", "dvclive/train", "metrics/train.json"]
     assert model_path(PROJECT) == "models/merged"
