@@ -94,6 +94,23 @@ def merge_table() -> str:
             + f"\n\nOver {merge['positions']} token positions of {merge['prompts']} eval prompts.")
 
 
+def export_table() -> str:
+    """Each GGUF file of metrics/export.json: size, KL and top-1 against the merged model, greedy answers equal,
+    as transformers reads the file and as llama.cpp runs it."""
+    export = _read_json("metrics/export.json")
+    rows = []
+    for export_type, figures in export["files"].items():
+        llama_cpp = figures.get("llama_cpp")
+        by_llama_cpp = ([_number(llama_cpp["kl"]), f"{llama_cpp['top1_agreement']:.3f}",
+                         f"{llama_cpp['greedy_equal']:.2f}"] if llama_cpp else ["", "", ""])
+        within = f" (within {export_type} rounding)" if figures.get("within_rounding") else ""
+        rows.append([f"`{figures['file']}`", f"{figures['size_bytes'] / 1e6:.0f} MB", _number(figures["kl"]) + within,
+                     f"{figures['top1_agreement']:.3f}", f"{figures['greedy_equal']:.2f}", *by_llama_cpp])
+    header = ["file", "size", "KL(merged ‖ file)", "top-1", "greedy equal", "llama.cpp: KL", "top-1", "greedy equal"]
+    return (_table(header, rows) + f"\n\nOn {export['prompts']} held-out conversations (KL, top-1) and their prompts "
+            "(greedy answers).")
+
+
 def merge_into_4bit() -> str:
     merge = _read_json("metrics/merge.json")
     return (f"KL against the QLoRA model {_number(merge['kl_merge_into_4bit'])} nats per token, top-1 agreement "
@@ -225,6 +242,7 @@ def throughput_summary() -> str:
 BLOCKS: dict[str, Callable[[], str]] = {
     "eval": eval_table,
     "merge": merge_table,
+    "export": export_table,
     "merge-into-4bit": merge_into_4bit,
     "merge-into-original": merge_into_original,
     "train": train_run,

@@ -4,9 +4,9 @@ A GGUF file holds the weights under llama.cpp's tensor names (gguf-py's own name
 llama.cpp reads, the tokenizer (tokens, merges, BOS/EOS/pad and end-of-turn ids), the chat template and the
 model's lineage (`tuneline.lineage`, the merged model's lineage.json plus how the file was made). Each family
 differs from Hugging Face's layout in a few known ways, undone by transformers' GGUF loader: Llama permutes
-the rows of q and k for its rotary embedding, Gemma stores 1 + w in its norms, GPT-2 stores Conv1D weights
-transposed. Writing streams: the tensor list is planned from the shapes, then each tensor is read, converted,
-quantized and written before the next is read, so a 7B export holds one tensor at a time.
+the rows of q and k for its rotary embedding, GPT-2 stores Conv1D weights transposed. Writing streams: the
+tensor list is planned from the shapes, then each tensor is read, converted, quantized and written before the
+next is read, so writing a file holds one tensor at a time (the check that follows loads whole models).
 
 The `gguf` package quantizes f32, f16, bf16, q8_0, q4_0, q4_1, q5_0 and q5_1. llama.cpp's K-quants (q4_k_m...)
 need llama-cpp-python (`pip install 'tuneline[llama-cpp]'`): its quantizer runs on an f32 file written first.
@@ -20,6 +20,7 @@ config GGUF cannot carry), and the export fails naming the config keys the reade
 
 import copy
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,10 +30,8 @@ from tqdm import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
 from tuneline.errors import TunelineError
+from tuneline.fidelity import fidelity, greedy_answers, held_out_batches, held_out_prompts, held_out_sequences
 from tuneline.lineage import LINEAGE_FILE, METADATA_KEY, tree_sha256
-from tuneline.fidelity import (
-    fidelity, greedy_answers, held_out_batches, held_out_prompts, held_out_sequences,
-)
 from tuneline.modeling import END_OF_TURN_TOKENS, end_token_ids, load_tokenizer
 from tuneline.ollama import modelfile
 from tuneline.params import ExportParams
@@ -368,21 +367,23 @@ class HeldOut:
     batches: list  # the same, padded
     prompts: list[list[int]]  # up to the answer: greedy answers
     expected: list[list[int]]  # the merged model's greedy answers
+    logits: list[np.ndarray]  # the merged model's on each conversation, for llama.cpp's figures (else empty)
 
 
 # ---------------------------------------------------------------------------------------- llama.cpp
 
 
-def llama_cpp_figures(path: Path, merged, tokenizer, held_out: HeldOut, max_new_tokens: int) -> dict:
+def llama_cpp_figures(path: Path, tokenizer, held_out: HeldOut, max_new_tokens: int) -> dict:
     """The GGUF file run by llama.cpp itself: KL and top-1 against the merged model's logits, greedy answers,
     and whether llama.cpp tokenizes the prompts' text as the training tokenizer does."""
     from llama_cpp import Llama
 
     end_ids = end_token_ids(tokenizer)
     context = max(len(ids) for ids in [*held_out.sequences, *held_out.prompts]) + max_new_tokens + 8
-    llm = Llama(model_path=str(path), n_ctx=context, logits_all=True, verbose=False, seed=0)
+    llm = Llama(model_path=str(path), n_ctx=context, logits_all=True, verbose=False, seed=0,
+                n_threads=os.cpu_count())  # llama-cpp-python's default is half the cores
     kl_sum, agree, positions = 0.0, 0, 0
-    for ids, reference in zip(held_out.sequences, reference_logits(merged, held_out.sequences)):
+    for ids, reference in zip(held_out.sequences, held_out.logits):
         llm.reset()
         llm.eval(ids)
         log_p = _log_softmax(reference.astype(np.float64))
@@ -448,7 +449,8 @@ def export(*, model_dir: Path, dataset_dir: Path, params: ExportParams, out_dir:
     sequences = held_out_sequences(dataset_dir, params.num_prompts)
     prompts = held_out_prompts(dataset_dir, params.num_prompts)
     held_out = HeldOut(sequences, held_out_batches(tokenizer, sequences), prompts,
-                       greedy_answers(merged, tokenizer, prompts, params.max_new_tokens))
+                       greedy_answers(merged, tokenizer, prompts, params.max_new_tokens),
+                       reference_logits(merged, sequences) if llama_cpp_installed() else [])
     report = {export_type: verify(path, export_type, model_dir, merged, tokenizer, held_out, params)
               for export_type, path in files.items()}
     return {"merged_sha256": merged_sha256, "prompts": len(sequences), "files": report,
@@ -482,5 +484,5 @@ def verify(path: Path, export_type: str, model_dir: Path, merged, tokenizer, hel
         raise TunelineError(f"{path.name}: KL {report['kl']:.2e} against the merged model exceeds export.max_kl "
                             f"{params.max_kl:g}; export a finer type (q8_0, f16) or raise export.max_kl")
     if llama_cpp_installed():
-        report["llama_cpp"] = llama_cpp_figures(path, merged, tokenizer, held_out, params.max_new_tokens)
+        report["llama_cpp"] = llama_cpp_figures(path, tokenizer, held_out, params.max_new_tokens)
     return report

@@ -51,3 +51,13 @@ def test_a_question_piped_in_gets_the_same_answer(pipeline_repo, expected_answer
 
     assert result.stdout == expected_answer + "\n"
     assert not any(line.startswith("> ") for line in result.stderr.splitlines())  # no marker: stdin is no terminal
+
+
+def test_the_exported_gguf_file_answers_as_the_merged_model(pipeline_repo, system_prompt, expected_answer):
+    """The f16 file, read by transformers (tokenizer and chat template from the file's own metadata; the system
+    prompt from the lineage it carries)."""
+    result = run([str(VENV_BIN / "tuneline"), "chat", "models/export/model-f16.gguf", "--prompt", QUESTION],
+                 cwd=pipeline_repo)
+
+    assert result.stdout == expected_answer + "\n"
+    assert f'system prompt: "{system_prompt}"' in result.stderr

@@ -60,6 +60,27 @@ class TestParams:
                                   "(dataset.max_length) need about ")
         assert "lower train.batch_size" in message and "gradient_checkpointing" in message
 
+    def test_check_refuses_an_export_the_family_has_no_gguf_layout_for(self, tmp_path, params, capsys):
+        from transformers import OPTConfig
+
+        model_dir = tmp_path / "opt"
+        OPTConfig(hidden_size=64, num_hidden_layers=2, ffn_dim=128, num_attention_heads=4,
+                  word_embed_proj_dim=64).save_pretrained(model_dir)
+        message = self.check_with(tmp_path, params, model_dir)
+        assert message.startswith("model family 'opt': no GGUF export"), message
+        from tuneline.cli import check
+
+        params["export"]["types"] = []  # no export: nothing to refuse
+        (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+        check(tmp_path / "params.yaml", model_dir)
+        assert "opt: target modules present" in capsys.readouterr().out
+
+    def test_check_names_a_k_quant_that_needs_llama_cpp(self, tmp_path, params, tiny_model_dir, monkeypatch):
+        monkeypatch.setattr("tuneline.exporting.llama_cpp_installed", lambda: False)
+        params["export"]["types"] = ["q4_k_m"]
+        message = self.check_with(tmp_path, params, tiny_model_dir)
+        assert message.startswith("params.yaml: export.types: q4_k_m needs llama.cpp"), message
+
     def test_check_names_a_local_fetch_source_that_does_not_exist(self, tmp_path, params, tiny_model_dir):
         params["fetch"]["source"] = f"file://{tmp_path}/no-such-model"
         message = self.check_with(tmp_path, params, tiny_model_dir)
