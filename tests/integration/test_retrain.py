@@ -87,7 +87,8 @@ def two_versions(tmp_path_factory, tiny_params) -> dict:
 def test_flow_promotes_the_first_model_and_judges_the_second_on_the_new_eval_split(two_versions):
     first, second, repo = two_versions["first"], two_versions["second"], two_versions["repo"]
     assert first["ran"] == list(STAGES)
-    assert set(first["metrics"]) == {"metrics/train.json", "metrics/merge.json", "metrics/eval.json"}
+    assert set(first["metrics"]) == {"metrics/train.json", "metrics/merge.json", "metrics/export.json",
+                                     "metrics/eval.json"}
     assert first["decision"]["decision"] == "promoted"
     assert first["decision"]["version"] == 1
     assert first["decision"]["reason"].startswith("no model promoted yet")
