@@ -33,7 +33,8 @@ def audit(target: str, repo_dir: Path) -> dict:
         if lineage is None:
             raise TunelineError(
                 f"{path}: sha256 {sha256} is in no lineage.json of {repo_dir.resolve()}'s history and it carries "
-                f"no lineage (no lineage.json, no tuneline safetensors header or GGUF metadata); audit it from its pipeline's repo"
+                f"no lineage (no lineage.json, no tuneline safetensors header or GGUF metadata); audit it from its "
+                "pipeline's repo"
             )
         return _report(repo_dir, sha256, record=lineage, artifact=str(path), commit=None, where="embedded")
     if SHA256.fullmatch(target.lower()):
