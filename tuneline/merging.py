@@ -124,8 +124,10 @@ def merge(*, base_dir: Path, adapter_dir: Path, dataset_dir: Path, params: Merge
     write_merged_model(base_dir, adapter_dir, tokenizer, out_dir, params.dtype, max_shard_size, lineage)
     qlora_model = PeftModel.from_pretrained(load_quantized_model(base_dir, spec), adapter_dir).eval()
     candidates = {
-        # What was written, loaded the plain way (no peft, no bitsandbytes), computed in fp32.
-        "ours": AutoModelForCausalLM.from_pretrained(out_dir, dtype=torch.float32, device_map={"": qlora_model.device}),
+        # What was written, loaded the plain way (no peft, no bitsandbytes), computed in the dtype the QLoRA model
+        # computes in (like with like: bf16 on a GPU by default, fp32 on the CPU).
+        "ours": AutoModelForCausalLM.from_pretrained(out_dir, dtype=DTYPES[spec.compute_dtype],
+                                                     device_map={"": qlora_model.device}),
         # The usual merges, for comparison: peft's merge_and_unload into the 4-bit model (the sum is
         # re-quantized to 4 bit) and into the original, never-quantized weights.
         "into_4bit": PeftModel.from_pretrained(load_quantized_model(base_dir, spec), adapter_dir).merge_and_unload(),
@@ -135,7 +137,7 @@ def merge(*, base_dir: Path, adapter_dir: Path, dataset_dir: Path, params: Merge
     batches = held_out_batches(tokenizer, sequences)
     figures = fidelity(qlora_model, {name: model.eval() for name, model in candidates.items()}, batches)
     lineage["merge"]["fidelity"] = {"kl": figures["ours"]["kl"], "top1_agreement": figures["ours"]["top1"],
-                                    "prompts": len(sequences)}
+                                    "prompts": len(sequences), "compute_dtype": spec.compute_dtype}
     lineage["files"] = file_hashes(out_dir)  # before lineage.json and README.md exist: the model's own files
     write_json(out_dir / LINEAGE_FILE, lineage)
     (out_dir / "README.md").write_text(_model_card(lineage))
@@ -147,6 +149,7 @@ def merge(*, base_dir: Path, adapter_dir: Path, dataset_dir: Path, params: Merge
         "kl_merge_into_original": figures["into_original"]["kl"],
         "top1_merge_into_original": figures["into_original"]["top1"],
         "dtype": params.dtype,
+        "compute_dtype": spec.compute_dtype,
         "prompts": len(sequences),
         "positions": sum(int(inputs["attention_mask"].sum()) for inputs in batches),
     }
@@ -208,8 +211,8 @@ QLoRA: {train_params}. {training.get('steps', '?')} steps, final loss {training.
 ## How it was merged
 {merge['method']}, cast to {merge['params']['dtype']}. The adapter was trained against the 4-bit base, so
 its delta is added to those dequantized weights, not to the original ones. Against the trained QLoRA model
-on {merge['fidelity']['prompts']} held-out examples: KL {merge['fidelity']['kl']:.2e}, top-1 agreement \
-{merge['fidelity']['top1_agreement']:.4f}.
+on {merge['fidelity']['prompts']} held-out examples, both computed in {merge['fidelity']['compute_dtype']}: KL \
+{merge['fidelity']['kl']:.2e}, top-1 agreement {merge['fidelity']['top1_agreement']:.4f}.
 
 ## Evaluation
 The task metrics come from the evaluate stage, after this merge: `tuneline audit <this directory>` in the

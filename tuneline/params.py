@@ -119,7 +119,7 @@ class TrainParams(Section):
     seed: int
     quant_type: Literal["nf4", "fp4"]
     double_quant: bool
-    compute_dtype: Dtype
+    compute_dtype: Dtype | Literal["auto"]  # auto: bfloat16 on CUDA (float16 without bf16), float32 on CPU
     lora_r: int = Field(gt=0)
     lora_alpha: float = Field(gt=0)
     lora_dropout: float = Field(ge=0, lt=1)
@@ -135,7 +135,7 @@ class TrainParams(Section):
     num_epochs: float = Field(gt=0)
     gradient_checkpointing: bool
     padding_free: bool = True  # each batch packed into one row: no compute on padding; false pads to the longest
-    optim: str  # "adamw_torch" on CPU; "paged_adamw_8bit" on CUDA
+    optim: str  # a transformers optimizer name; auto: paged_adamw_8bit on CUDA, adamw_torch on CPU
     logging_steps: int = Field(gt=0)
     save_steps: int = Field(ge=0)  # checkpoint every N steps to resume a killed run; 0 = no checkpoints
     keep_checkpoints: int = Field(gt=0)  # newest checkpoints kept while a run goes on; all go when it ends

@@ -404,18 +404,18 @@ def evaluate(
     rows = select_rows(read_split(dataset_dir / "eval.parquet"), params)
     lm_eval_tasks = load_lm_eval_tasks(params.lm_eval)  # before the models: a bad task fails now, not after them
     tokenizer = load_tokenizer(dataset_dir / "tokenizer")
-    # One model in memory at a time: each is loaded, scored and dropped.
+    spec = QuantSpec.load(adapter_dir)
+    # One model in memory at a time: each is loaded, scored and dropped. All three compute in the dtype the QLoRA
+    # model computes in, so merged and QLoRA are compared like with like.
     loaders = {
-        "base": lambda: load_full_model(base_dir),
-        "qlora": lambda: PeftModel.from_pretrained(
-            load_quantized_model(base_dir, QuantSpec.load(adapter_dir)), adapter_dir
-        ),
-        "merged": lambda: load_full_model(merged_dir),
+        "base": lambda: load_full_model(base_dir, spec.compute_dtype),
+        "qlora": lambda: PeftModel.from_pretrained(load_quantized_model(base_dir, spec), adapter_dir),
+        "merged": lambda: load_full_model(merged_dir, spec.compute_dtype),
     }
     per_model, outputs = {}, {}
     for name, load in loaders.items():
         per_model[name], outputs[name] = score_model(load().eval(), tokenizer, rows, params, name)
-    metrics: dict = {"examples": dict(sorted(rows["kind"].value_counts().items()))}
+    metrics: dict = {"examples": dict(sorted(rows["kind"].value_counts().items())), "compute_dtype": spec.compute_dtype}
     for figure in per_model["base"]:
         metrics[figure] = {name: per_model[name][figure] for name in MODELS}
     labelled = rows[rows["kind"] == "label"]

@@ -30,10 +30,11 @@ from tuneline.artifacts import write_json
 from tuneline.errors import TunelineError
 from tuneline.lineage import ADAPTER_LINEAGE_FILE, BASE_SOURCE_FILE, LINEAGE_FILE, tree_sha256
 from tuneline.modeling import (
-    DTYPES, QuantSpec, available_memory, check_family, layer_features, load_quantized_model, load_tokenizer,
-    meta_model, quantized_layers, read_split,
+    DTYPES, QuantSpec, auto_compute_dtype, available_memory, check_family, layer_features, load_quantized_model,
+    load_tokenizer, meta_model, quantized_layers, read_split,
 )
 from tuneline.params import TrainParams
+from tuneline.token_loss import has_plain_logits, score_trained_tokens_only
 
 
 class _LiveLossCurve(TrainerCallback):
@@ -108,7 +109,8 @@ def check_target_modules(model: torch.nn.Module, target_modules: list[str] | str
 
 
 # What a token of a batch adds to the peak: per layer and hidden unit (at 16 bit), and per vocabulary entry in TRL's
-# chunked LM head (fp32 logits, exponentials and log-probabilities, recomputed with their gradient in the backward).
+# chunked LM head on CUDA (fp32 logits, exponentials and log-probabilities, recomputed with their gradient in the
+# backward; off CUDA, tuneline/token_loss.py holds a fixed chunk of logits instead, and this overestimates).
 # Korthikanti et al. (2022) count 34 bytes a hidden unit for a plain transformer; QLoRA keeps more (fp32 norms,
 # every adapter's dropped-out input, sdpa's mask on padded rows). Measured on SmolLM2-135M (all-linear LoRA,
 # dropout 0.05, fp32 on CPU): the peak grew by 4.5 MB a token with padded batches, 3.1 MB packed; these give 4.7.
@@ -155,6 +157,7 @@ def _processes_per_memory(params: TrainParams) -> int:
 
 def check_training_memory(model: torch.nn.Module, params: TrainParams, seq_len: int, length_from: str) -> int:
     """Stop before loading anything when training cannot fit in the memory at hand; return the estimate."""
+    params = resolve_device_defaults(params)
     sharing = _processes_per_memory(params)
     needed, available = _training_memory_bytes(model, params, seq_len) * sharing, available_memory()
     if needed > available:
@@ -169,13 +172,28 @@ def check_training_memory(model: torch.nn.Module, params: TrainParams, seq_len: 
     return needed
 
 
+def resolve_device_defaults(params: TrainParams) -> TrainParams:
+    """`params` with `auto` resolved for the device training runs on: compute dtype as auto_compute_dtype, and
+    paged 8-bit AdamW on CUDA (its state pages out to the CPU instead of failing when the GPU is full), plain
+    AdamW on the CPU. Explicit values pass unchanged, and so do resolved params: each function here that reads
+    either value resolves its params first."""
+    resolved = {}
+    if params.compute_dtype == "auto":
+        resolved["compute_dtype"] = auto_compute_dtype()
+    if params.optim == "auto":
+        resolved["optim"] = "paged_adamw_8bit" if torch.cuda.is_available() else "adamw_torch"
+    return params.model_copy(update=resolved)
+
+
 def check_trainer_choices(params: TrainParams) -> None:
     """Name the key when the optimizer or scheduler is not one transformers knows."""
+    params = resolve_device_defaults(params)
     choices = {"optim": (params.optim, OptimizerNames), "lr_scheduler": (params.lr_scheduler, SchedulerType)}
     for key, (value, names) in choices.items():
         known = [name.value for name in names]
         if value not in known:
-            raise TunelineError(f"params.yaml: train.{key}: unknown '{value}'; choose one of: {', '.join(known)}")
+            raise TunelineError(f"params.yaml: train.{key}: unknown '{value}'; choose one of: "
+                                f"{'auto, ' if key == 'optim' else ''}{', '.join(known)}")
 
 
 def check_launcher(params: TrainParams) -> None:
@@ -232,13 +250,14 @@ def _checkpoint_files(world_size: int) -> tuple[str, ...]:
 def inputs_key(base_dir: Path, dataset_dir: Path, params: TrainParams, *, code: list[Path]) -> str:
     """A hash of everything that decides the trained adapter: the base, the data the train stage reads, the code
     (`code`: the files the stage runs, in sorted order, the same set dvc.yaml lists as its code deps) and the
-    params (all but the checkpointing ones). Checkpoints are kept under it."""
+    params as resolved for this device (all but the checkpointing ones). Checkpoints are kept under it."""
     digest = hashlib.sha256()
     for path in (base_dir, dataset_dir / "train.parquet", dataset_dir / "tokenizer", dataset_dir / LINEAGE_FILE):
         digest.update(tree_sha256(path).encode() if path.exists() else b"-")
     for path in code:
         digest.update(path.read_bytes())
-    digest.update(params.model_dump_json(exclude={"save_steps", "keep_checkpoints"}).encode())
+    resolved = resolve_device_defaults(params)
+    digest.update(resolved.model_dump_json(exclude={"save_steps", "keep_checkpoints"}).encode())
     return digest.hexdigest()[:16]
 
 
@@ -313,6 +332,7 @@ def build_trainer(
 ) -> SFTTrainer:
     """TRL's SFTTrainer with LoRA adapters from the params on `model`, training on `split` as it is: packed rows
     with `train.padding_free` where the family's attention can take them, else padded batches (said in one line)."""
+    params = resolve_device_defaults(params)
     padding_free = params.padding_free
     if padding_free and (reason := use_packed_attention(model)):
         if is_main_process():
@@ -336,6 +356,9 @@ def build_trainer(
         callbacks=callbacks,
     )
     keep_adapters_in_compute_dtype(trainer.model, params.compute_dtype)
+    causal_lm = trainer.model.get_base_model()
+    if causal_lm.device.type != "cuda" and has_plain_logits(causal_lm.config):  # CUDA keeps TRL's Triton kernel
+        score_trained_tokens_only(causal_lm)
     return trainer
 
 
@@ -347,6 +370,7 @@ def launcher_command(params: TrainParams, stage_args: list[str]) -> list[str]:
     """The command that runs the train stage (`python -m stages.train`) with `stage_args` in `train.num_processes`
     processes under `train.launcher` (torchrun, or accelerate launch, through this interpreter, so the venv's own)."""
     processes = str(params.num_processes)
+    params = resolve_device_defaults(params)
     if params.launcher == "torchrun":
         launcher = ["torch.distributed.run", "--standalone", "--nproc_per_node", processes]
     else:
@@ -394,7 +418,9 @@ def train(
 ) -> dict:
     """Train LoRA adapters on the 4-bit base and return the train metrics; the main process saves them to
     `adapter_dir` and logs the loss curve to `live` (both None in the other processes of a launched run).
-    Checkpoints go to `run_dir`; training resumes from the newest complete one there."""
+    Checkpoints go to `run_dir`; training resumes from the newest complete one there. `auto` params are resolved
+    for this device first; the adapter's lineage and the metrics record what they resolved to."""
+    params = resolve_device_defaults(params)
     check_trainer_choices(params)
     check_launcher(params)
     split = read_split(dataset_dir / "train.parquet")[["input_ids", "labels"]]  # labels hold the loss mask
@@ -442,6 +468,8 @@ def train(
         "trainable_parameters": sum(p.numel() for p in trainer.model.parameters() if p.requires_grad),
         "batches": "packed" if trainer.args.padding_free else "padded",
         "device": str(model.device),
+        "compute_dtype": params.compute_dtype,
+        "optim": params.optim,
         "world_size": world_size,
     }
 

@@ -38,8 +38,13 @@ class TestTrain:
             assert (adapter_dir / name).is_file(), name
         spec = json.loads((adapter_dir / "tuneline_quantization.json").read_text())
         train = tiny_params["train"]
+        # params.yaml's `auto` resolved for the CPU, and recorded in the spec, the metrics and the lineage
+        assert train["compute_dtype"] == "auto" and train["optim"] == "auto"
         assert spec == {"quant_type": train["quant_type"], "double_quant": train["double_quant"],
-                        "compute_dtype": train["compute_dtype"]}
+                        "compute_dtype": "float32"}
+        assert (metrics["compute_dtype"], metrics["optim"]) == ("float32", "adamw_torch")
+        lineage = json.loads((adapter_dir / "tuneline_lineage.json").read_text())
+        assert (lineage["train"]["compute_dtype"], lineage["train"]["optim"]) == ("float32", "adamw_torch")
         config = json.loads((adapter_dir / "adapter_config.json").read_text())
         assert config["r"] == train["lora_r"] and config["lora_alpha"] == train["lora_alpha"]
         assert metrics["steps"] == 3
@@ -75,6 +80,24 @@ class TestTrain:
             train(base_dir=tiny_model_dir, dataset_dir=dataset_dir, params=params, adapter_dir=root / "adapter", live=live,
                   run_dir=tmp_path / "checkpoints")
         return root
+
+    @pytest.mark.parametrize("cuda, bf16, expected", [
+        (False, False, ("float32", "adamw_torch")),
+        (True, True, ("bfloat16", "paged_adamw_8bit")),
+        (True, False, ("float16", "paged_adamw_8bit")),
+    ])
+    def test_auto_defaults_follow_the_device(self, tiny_params, monkeypatch, cuda, bf16, expected):
+        """The CUDA rows stand in for a GPU this machine lacks; benchmarks/gpu_check.py checks them on a real one."""
+        from tuneline.training import resolve_device_defaults
+
+        if cuda:
+            monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+            monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: bf16)
+        params = TrainParams(**tiny_params["train"])
+        resolved = resolve_device_defaults(params)
+        assert (resolved.compute_dtype, resolved.optim) == expected
+        explicit = TrainParams(**{**tiny_params["train"], "compute_dtype": "float16", "optim": "adamw_torch"})
+        assert resolve_device_defaults(explicit) == explicit
 
     @pytest.mark.parametrize("key, value", [("optim", "adamw_typo"), ("lr_scheduler", "cosinus")])
     def test_unknown_trainer_choice_is_a_tuneline_error(self, tmp_path, tiny_model_dir, tiny_params, tiny_dataset_dir, key, value):
@@ -126,10 +149,10 @@ def tiny_trainer(tmp_path_factory, tiny_model_dir, tiny_params, tiny_dataset_dir
     """The train stage's SFTTrainer on the tiny 4-bit model, its adapter made to matter (LoRA B non-zero)."""
     from datasets import Dataset
 
-    from tuneline.training import build_trainer
+    from tuneline.training import build_trainer, resolve_device_defaults
     from tuneline.modeling import QuantSpec, load_quantized_model, load_tokenizer
 
-    params = TrainParams(**tiny_params["train"])
+    params = resolve_device_defaults(TrainParams(**tiny_params["train"]))
     spec = QuantSpec(params.quant_type, params.double_quant, params.compute_dtype)
     model = load_quantized_model(tiny_model_dir, spec)
     empty = Dataset.from_dict({"input_ids": [[1, 2]], "labels": [[-100, 2]]})
