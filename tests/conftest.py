@@ -53,7 +53,7 @@ _INTEGRATION = Path(__file__).resolve().parent / "integration"
 # pipeline while test_families.py, which needs none, runs beside it.
 _LONGEST_FIRST = ("test_repro.py", "test_families.py", "test_faults.py", "test_retrain.py", "test_serve.py",
                   "test_repro_data.py", "test_train_scale.py", "test_sharing.py", "test_chat_cli.py",
-                  "test_benchmarks.py")
+                  "test_benchmarks.py", "test_gpu_check.py")
 _REPORTS: list[str] = []
 
 
