@@ -131,6 +131,7 @@ def train_run() -> str:
         ["trainable parameters (LoRA)", f"{train['trainable_parameters']:,}"],
         ["loss: first logged, final", f"{train['first_loss']:.3g}, {train['final_loss']:.3g}"],
         ["device, processes", f"{train['device']}, {train['world_size']}"],
+        ["compute dtype, optimizer (`auto` resolved)", f"{train['compute_dtype']}, {train['optim']}"],
     ])
 
 
