@@ -69,7 +69,8 @@ import yaml
 
 PROJECT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(PROJECT))  # tuneline, where it is not installed (the device machine)
-from tuneline.artifacts import write_json  # noqa: E402  (standard library only: the parent stays light)
+# tuneline.artifacts' own test for a killed run's temporaries serves this script's stale work folders too.
+from tuneline.artifacts import _is_running, write_json  # noqa: E402  (standard library only: the parent stays light)
 
 BENCHMARKS = PROJECT / "benchmarks"
 RESULTS = BENCHMARKS / "results" / "gpu_check.json"
@@ -889,16 +890,6 @@ def _child_env(work: Path) -> dict[str, str]:
     """The parts' environment: tuneline importable, offline, and dvclive's stand-in where dvclive is missing."""
     paths = [str(PROJECT), *_stand_ins(work), *filter(None, [os.environ.get("PYTHONPATH")])]
     return dict(os.environ, **QUIET_ENV, PYTHONPATH=os.pathsep.join(paths))
-
-
-def _is_running(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        return True
-    return True
 
 
 def _default_work() -> Path:
